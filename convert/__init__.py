@@ -1,0 +1,1 @@
+"""Offline conversion: ProSparse fine-tuning, activation profiling, packing hybrid model dirs."""

@@ -1,0 +1,1 @@
+"""Per-layer neuron-activation predictors (MLP x -> r -> f) and their trainers."""
