@@ -1,0 +1,169 @@
+"""Cold-neuron CPU FFN kernel: GB/s over the active rows vs the machine's read bandwidth.
+
+LLaMA-2-7B shape by default (d=4096, 7500 cold neurons per layer of 11008), weights for as
+many layers as make ~1 GB per format (larger than any L3), one call per layer in rotation, a
+fresh x and active set per layer. The active set holds neurons whose gate fires for that x
+(exact mode: every active row costs its gate, up and down rows), so the bytes per call are
+n_active * 3 * row_bytes. `--superset 2` adds as many non-firing rows (a predictor that
+over-predicts 2x: those cost their gate row only) and counts the bytes actually read.
+
+The roof is a Numba parallel sum over a 1 GB fp32 buffer with the same thread count.
+
+    python bench/bench_cpu_ffn.py                       # all formats, Numba's default threads
+    python bench/bench_cpu_ffn.py --threads 16 --json bench/results/cpu_ffn_h100host.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import click
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows, cold_ffn_ref
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _parallel_sum(buf, n_chunks):
+    """Read roof: sum a large fp32 buffer with every thread (one contiguous chunk each)."""
+    n = buf.shape[0]
+    per = (n + n_chunks - 1) // n_chunks
+    partial = np.zeros(n_chunks, np.float32)
+    for c in prange(n_chunks):
+        s = np.float32(0.0)
+        for j in range(c * per, min(n, (c + 1) * per)):
+            s += buf[j]
+        partial[c] = s
+    return partial.sum()
+
+
+def read_bandwidth(nbytes: int, repeats: int) -> float:
+    buf = np.ones(nbytes // 4, np.float32)
+    n_threads = numba.get_num_threads()
+    _parallel_sum(buf[:1024], n_threads)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _parallel_sum(buf, n_threads)
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best / 1e9
+
+
+def make_layer(fmt: str, n_cold: int, d: int, seed: int) -> ColdRows:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
+    w = [torch.randn(n_cold, d, generator=gen, dtype=dtype) * 0.02 for _ in range(3)]
+    return ColdRows.from_torch(*w, fmt=fmt)
+
+
+def pick_active(cold: ColdRows, x: np.ndarray, n_fire: int, n_dead: int, rng: np.random.Generator) -> np.ndarray:
+    """n_fire rows whose gate fires for x (relu) plus n_dead rows whose gate does not, sorted."""
+    cand = rng.permutation(cold.n_rows)[: 4 * (n_fire + n_dead)]
+    g = cold.dequantize(cand)[0] @ x
+    fire, dead = cand[g > 0][:n_fire], cand[g <= 0][:n_dead]
+    assert len(fire) == n_fire and len(dead) == n_dead, "not enough candidate rows"
+    return np.sort(np.concatenate([fire, dead])).astype(np.int32)
+
+
+def bench_format(fmt: str, d: int, n_cold: int, total_bytes: int, active_frac: float, superset: float,
+                 seconds: float, check: bool, rng: np.random.Generator) -> dict:
+    probe = make_layer(fmt, 8, d, 0)
+    n_layers = max(2, -(-total_bytes // (3 * n_cold * probe.row_bytes)))
+    layers = [make_layer(fmt, n_cold, d, 1 + i) for i in range(n_layers)]
+    n_fire = int(round(active_frac * n_cold))
+    n_dead = int(round((superset - 1.0) * n_fire))
+    xs = [rng.standard_normal(d).astype(np.float32) for _ in layers]
+    actives = [pick_active(c, x, n_fire, n_dead, rng) for c, x in zip(layers, xs)]
+    ffns = [ColdFFN(c, "relu") for c in layers]
+    out = np.empty(d, np.float32)
+    if check:  # the benchmark measures a correct kernel
+        ref = cold_ffn_ref(layers[0], xs[0], actives[0], "relu")
+        got = ffns[0].decode(xs[0], actives[0], out)
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, f"{fmt}: kernel differs from the reference (rel err {err:.2e})"
+    for i in range(n_layers):  # warm-up (compile is cached; first-touch the workspace)
+        ffns[i].decode(xs[i], actives[i], out)
+    bytes_per_call = (n_fire * 3 + n_dead) * layers[0].row_bytes
+    calls, t0 = 0, time.perf_counter()
+    times = []
+    while time.perf_counter() - t0 < seconds:
+        i = calls % n_layers
+        t = time.perf_counter()
+        ffns[i].decode(xs[i], actives[i], out)
+        times.append(time.perf_counter() - t)
+        calls += 1
+    times = np.array(times)
+    return {
+        "fmt": fmt, "layers": n_layers, "weights_gb": n_layers * layers[0].nbytes / 1e9,
+        "n_cold": n_cold, "n_fire": n_fire, "n_dead": n_dead, "calls": calls,
+        "bytes_per_call_mb": bytes_per_call / 1e6,
+        "median_us": float(np.median(times) * 1e6),
+        "gbps_median": bytes_per_call / float(np.median(times)) / 1e9,
+        "gbps_mean": bytes_per_call * calls / float(times.sum()) / 1e9,
+    }
+
+
+def bench_batch(fmt: str, d: int, n_cold: int, T: int, active_frac: float, rng: np.random.Generator) -> dict:
+    cold = make_layer(fmt, n_cold, d, 99)
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    active = np.sort(rng.permutation(n_cold)[: int(active_frac * n_cold)]).astype(np.int32)
+    ffn, out = ColdFFN(cold, "relu"), np.empty((T, d), np.float32)
+    ffn.batch(x, active, out)
+    reps, t0 = 3, time.perf_counter()
+    for _ in range(reps):
+        ffn.batch(x, active, out)
+    dt = (time.perf_counter() - t0) / reps
+    return {"fmt": fmt, "T": T, "n_active": len(active), "ms": dt * 1e3,
+            "gflops": 3 * 2 * T * len(active) * d / dt / 1e9}  # upper bound: counts every (t, row)
+
+
+@click.command()
+@click.option("--formats", default="bf16,fp16,int8", show_default=True)
+@click.option("--dim", default=4096, show_default=True)
+@click.option("--n-cold", default=7500, show_default=True, help="cold neurons per layer")
+@click.option("--total-gb", default=1.0, show_default=True, help="weights per format, rotated over layers")
+@click.option("--active-frac", default=0.10, show_default=True, help="firing rows per call / n_cold")
+@click.option("--superset", default=1.0, show_default=True, help="active set / firing rows (predictor over-prediction)")
+@click.option("--seconds", default=3.0, show_default=True, help="timed seconds per format")
+@click.option("--threads", default=0, help="numba threads (0: Numba's default)")
+@click.option("--batch-tokens", default=32, show_default=True, help="also time the prefill kernel at T tokens (0: skip)")
+@click.option("--json", "json_path", default=None, help="write the results here")
+def main(formats, dim, n_cold, total_gb, active_frac, superset, seconds, threads, batch_tokens, json_path):
+    if threads:
+        numba.set_num_threads(threads)
+    torch.set_num_threads(max(1, numba.get_num_threads()))
+    rng = np.random.default_rng(0)
+    n_threads = numba.get_num_threads()
+    roof = read_bandwidth(int(total_gb * 1e9), repeats=5)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"numba threads {n_threads} ({numba.threading_layer() if hasattr(numba, 'threading_layer') else ''})")
+    print(f"read roof (parallel sum of {total_gb:.1f} GB fp32): {roof:.1f} GB/s")
+    rows = []
+    for fmt in formats.split(","):
+        r = bench_format(fmt, dim, n_cold, int(total_gb * 1e9), active_frac, superset, seconds, True, rng)
+        r["roof_frac"] = r["gbps_median"] / roof
+        rows.append(r)
+        print(f"{fmt:5s} {r['layers']:2d} layers {r['weights_gb']:.2f} GB | active {r['n_fire']} fire "
+              f"+ {r['n_dead']} dead rows = {r['bytes_per_call_mb']:.1f} MB/call | "
+              f"{r['median_us']:7.0f} us/call | {r['gbps_median']:5.1f} GB/s (mean {r['gbps_mean']:.1f}) "
+              f"= {100 * r['roof_frac']:.0f}% of roof")
+    batch = []
+    if batch_tokens:
+        for fmt in formats.split(","):
+            b = bench_batch(fmt, dim, n_cold, batch_tokens, active_frac * 3, rng)
+            batch.append(b)
+            print(f"batch {fmt:5s} T={b['T']} n_active={b['n_active']}: {b['ms']:.1f} ms "
+                  f"({b['gflops']:.0f} GFLOP/s upper bound)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"threads": n_threads, "roof_gbps": roof, "decode": rows, "batch": batch}, f, indent=1)
+        print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

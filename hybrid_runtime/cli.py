@@ -1,0 +1,168 @@
+"""`hybrid-run`: generate, chat and inspect models. Text to stdout, logs and statistics to stderr."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from hybrid_runtime.errors import UserError, console_main
+from hybrid_runtime.generate import Generator, SamplingParams
+
+PLAIN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}Assistant:"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def model_options(f):
+    @click.option("--model", "-m", "model", default=None,
+                  help="Model directory, alias (prosparse-7b, prosparse-13b, minicpm-s-1b, relullama-7b) "
+                       "or HF repo id org/name (local cache only). Default: the embedded demo model.")
+    @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+    @click.option("--dtype", default="auto", show_default=True,
+                  help="Run dtype: auto (the checkpoint's), float32, float16, bfloat16.")
+    @click.option("--threads", type=int, default=None, help="CPU threads (default: torch's choice).")
+    @click.option("--context", type=int, default=None, help="KV cache length in tokens (default: min(model max, 4096)).")
+    @click.option("--debug", is_flag=True, hidden=True)
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        kwargs.pop("debug", None)
+        return f(*args, **kwargs)
+    return wrapper
+
+
+def sampling_options(f):
+    @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+    @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy.")
+    @click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")
+    @click.option("--top-p", type=float, default=1.0, show_default=True, help="1 disables.")
+    @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+    @click.option("--seed", type=int, default=None)
+    @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+    @functools.wraps(f)
+    def wrapper(*args, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, **kwargs):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+        return f(*args, params=params, **kwargs)
+    return wrapper
+
+
+def _open(model, device, dtype, threads, context):
+    from hybrid_runtime.session import open_model
+    lm = open_model(model, device=device, dtype=dtype, threads=threads, context=context)
+    log(f"model: {lm.path} ({lm.config.architecture}, {lm.config.n_layers} layers, act={lm.config.act}) "
+        f"on {lm.device} as {str(lm.dtype).replace('torch.', '')}, context {lm.context}")
+    return lm
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main_group(debug: bool) -> None:
+    """Run activation-sparse LLaMA-family models (hybrid CPU-GPU)."""
+
+
+@main_group.command()
+@model_options
+@sampling_options
+@click.option("--prompt", "-p", required=True, help="Prompt text; '-' reads it from stdin.")
+def generate(model, device, dtype, threads, context, params, prompt):
+    """Generate a continuation of PROMPT, streaming it to stdout."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    lm = _open(model, device, dtype, threads, context)
+    ids = lm.tokenizer(prompt, add_special_tokens=True).input_ids
+    gen = Generator(lm.model, lm.tokenizer, lm.context, lm.device, eos_ids=lm.config.eos_token_ids)
+
+    def emit(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = gen.generate(ids, params, on_text=emit)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    log(result.stats_line())
+
+
+@main_group.command()
+@model_options
+@sampling_options
+@click.option("--system", default=None, help="System prompt.")
+def chat(model, device, dtype, threads, context, params, system):
+    """Multi-turn chat on stdin/stdout. /reset clears the history, /exit quits; Ctrl-C stops an answer."""
+    lm = _open(model, device, dtype, threads, context)
+    tok = lm.tokenizer
+    template = getattr(tok, "chat_template", None)
+    if not template:
+        log("note: the tokenizer has no chat template; using a plain 'User:/Assistant:' template")
+    gen = Generator(lm.model, tok, lm.context, lm.device, eos_ids=lm.config.eos_token_ids)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if interactive:
+        log("chat: type a message; /reset clears the history, /exit quits, Ctrl-C stops an answer")
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            break
+        if not line:
+            break
+        msg = line.strip()
+        if not msg:
+            continue
+        if msg == "/exit":
+            break
+        if msg == "/reset":
+            history = [{"role": "system", "content": system}] if system else []
+            gen.reset()
+            log("(history cleared)")
+            continue
+        history.append({"role": "user", "content": msg})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
+                                      chat_template=template or PLAIN_CHAT_TEMPLATE, return_dict=False)
+        if len(ids) >= lm.context:
+            history.pop()
+            log(f"error: the conversation is {len(ids)} tokens, over the context of {lm.context}; /reset to start over")
+            continue
+
+        def emit(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        result = gen.generate(ids, params, on_text=emit)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": result.text})
+        log(result.stats_line())
+
+
+@main_group.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
+def info(model, device, dtype, threads, context, as_json):
+    """Architecture, size, dtype, activation, sparsity metadata and available kernels."""
+    from hybrid_runtime.info import model_info
+    data = model_info(model)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    console_main(main_group)
+
+
+if __name__ == "__main__":
+    main()

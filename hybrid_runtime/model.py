@@ -1,0 +1,331 @@
+"""Dense reference engine for the LLaMA family (LLaMA, Mistral, ProSparse/ReluLLaMA, MiniCPM).
+
+One file, read top to bottom like the papers: config -> RMSNorm -> RoPE -> attention with a
+pre-allocated KV cache -> gated FFN (SiLU, ReLU, FATReLU, ReLU², dReLU) -> transformer.
+
+Layout conventions (fixed at load time, never inside `forward`):
+- FFN weights are neuron-major: `gate`, `up` and `down` are all (f, d); `down` is HF's
+  `down_proj.weight` (d, f) transposed, so one neuron's three rows are contiguous. The hybrid
+  runtime (hybrid_runtime/hybrid.py) slices exactly these tensors into hot and cold rows.
+- Attention projections keep HF's layout (RoPE uses HF's rotate-half convention).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybrid_runtime.errors import UserError
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "SparseLlamaForCausalLM",  # ProSparse releases (they ship modeling_sparsellama.py; not needed here)
+    "MiniCPMForCausalLM",
+)
+ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu")
+_HF_ACT_NAMES = {"silu": "silu", "swish": "silu", "relu": "relu", "fatrelu": "fatrelu",
+                 "relu2": "relu2", "relu_squared": "relu2", "drelu": "drelu"}
+
+
+@dataclass
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    head_dim: int = 0                 # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    act: str = "silu"
+    act_threshold: float = 0.0        # FATReLU threshold (keep g >= t)
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    scale_emb: float = 1.0            # MiniCPM: embeddings * scale_emb
+    scale_depth: float | None = None  # MiniCPM: residual branch * scale_depth / sqrt(n_layers)
+    dim_model_base: int | None = None  # MiniCPM: logits from h / (dim / dim_model_base)
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    # derived
+    residual_scale: float = field(init=False)
+    logit_scale: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.act not in ACTIVATIONS:
+            raise UserError(f"unknown activation {self.act!r} (supported: {', '.join(ACTIVATIONS)})")
+        if self.act_threshold < 0:
+            raise UserError(f"activation threshold must be >= 0, got {self.act_threshold}")
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                            f"num_key_value_heads={self.n_kv_heads}")
+        self.residual_scale = (self.scale_depth / math.sqrt(self.n_layers)
+                               if self.scale_depth is not None else 1.0)
+        self.logit_scale = (self.dim_model_base / self.dim) if self.dim_model_base else 1.0
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict; UserError names the offending field."""
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                       "minicpm": "MiniCPMForCausalLM"}.get(hf.get("model_type"), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UserError(f"config.json: architecture {arch or hf.get('model_type')!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "vocab_size"):
+            if not isinstance(hf.get(key), int) or hf[key] <= 0:
+                raise UserError(f"config.json: field {key!r} missing or not a positive integer")
+        if hf.get("mlp_bias"):
+            raise UserError("config.json: mlp_bias=true is not supported")
+        raw_act = str(hf.get("hidden_act", "silu"))
+        if raw_act not in _HF_ACT_NAMES:
+            raise UserError(f"config.json: hidden_act {raw_act!r} is not supported "
+                            f"(supported: {', '.join(sorted(_HF_ACT_NAMES))})")
+        act = _HF_ACT_NAMES[raw_act]
+        threshold = float(hf.get("hidden_act_param", 0.0) or 0.0) if act == "fatrelu" else 0.0
+        # transformers >= 5 stores RoPE settings in `rope_parameters`; older configs use
+        # `rope_theta` + `rope_scaling` (with "type" or "rope_type").
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = dict(hf.get("rope_scaling") or {}) or rope
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type in ("default", None):
+            scaling = None
+        elif rope_type in ("linear", "llama3"):
+            scaling = {**scaling, "rope_type": rope_type}
+        else:
+            raise UserError(f"config.json: rope scaling type {rope_type!r} is not supported "
+                            "(supported: default, linear, llama3)")
+        eos = hf.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim") or 0,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta, rope_scaling=scaling,
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "MiniCPMForCausalLM")),
+            act=act, act_threshold=threshold, attention_bias=bool(hf.get("attention_bias", False)),
+            sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
+            scale_emb=float(hf.get("scale_emb", 1.0) or 1.0), scale_depth=hf.get("scale_depth"),
+            dim_model_base=hf.get("dim_model_base"), architecture=arch,
+            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
+        )
+
+
+# ----------------------------------------------------------------------------- activations
+
+def gate_activation(act: str, threshold: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The FFN's gated activation a = act(g) * u as a function of (g, u); chosen once, at build time."""
+    if act == "silu":
+        return lambda g, u: F.silu(g) * u
+    if act == "relu":
+        return lambda g, u: F.relu(g) * u
+    if act == "fatrelu":  # ProSparse: keep g >= t, zero below
+        return lambda g, u: torch.where(g >= threshold, g, torch.zeros_like(g)) * u
+    if act == "relu2":    # ReLU² paper: squared ReLU on the gate
+        return lambda g, u: F.relu(g).square() * u
+    if act == "drelu":    # TurboSparse: ReLU on gate and up
+        return lambda g, u: F.relu(g) * F.relu(u)
+    raise UserError(f"unknown activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
+
+
+def apply_act(g: torch.Tensor, u: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
+    return gate_activation(act, threshold)(g, u)
+
+
+def active_mask(g: torch.Tensor, u: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
+    """Which neurons fire: the activated gate is non-zero (dReLU: gate and up both positive)."""
+    if act == "fatrelu":
+        return (g >= threshold) & (g != 0)
+    if act in ("relu", "relu2"):
+        return g > 0
+    if act == "drelu":
+        return (g > 0) & (u > 0)
+    raise UserError(f"activation {act!r} has no exact zeros; profile it with a magnitude threshold")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 as HF does, then cast back before the gain
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling applied."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return (inv_freq / factor).float()
+    # llama3: long wavelengths divided by factor, short kept, a smooth ramp in between
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hs); cos/sin: (T, hs)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos: (T,); k, v: (B, n_kv, T, hs)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                input_pos: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v)                               # (B, nkv, S, hs)
+        # mask: (T, S) over the whole pre-allocated cache; no host sync on the current length
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hs)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """Gated FFN y = down^T · (act(gate·x) ⊙ up·x), x = norm(h); weights neuron-major (f, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.gate = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d)
+        self.up = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))    # (f, d)
+        self.down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d) = down_proj.weight.T
+        self.act, self.threshold = cfg.act, cfg.act_threshold
+        self.act_fn = gate_activation(cfg.act, cfg.act_threshold)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)                                           # (B, T, d)
+        a = self.act_fn(F.linear(x, self.gate), F.linear(x, self.up))  # (B, T, f)
+        return a @ self.down                                       # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn: nn.Module = FeedForward(cfg)  # the hybrid runtime swaps this module
+        self.residual_scale = cfg.residual_scale
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                input_pos: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), cos, sin, mask, input_pos) * self.residual_scale
+        return h + self.ffn(h) * self.residual_scale
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.max_seq_len = 0
+
+    def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
+        """Pre-allocate the KV cache and RoPE tables on the device/dtype of the weights."""
+        cfg = self.config
+        p = self.tok_embeddings.weight
+        dtype, device = p.dtype, p.device
+        self.max_seq_len = max_seq_len
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim,
+                                          dtype, device)
+        inv_freq = rope_inv_freq(cfg).to(device)
+        t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)                       # (S, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                # (S, hs)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        pos = torch.arange(max_seq_len, device=device)
+        allowed = pos[None, :] <= pos[:, None]                 # (S, S) causal
+        if cfg.sliding_window:
+            allowed &= pos[None, :] > pos[:, None] - cfg.sliding_window
+        self.register_buffer("causal_mask", allowed, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) in fp32."""
+        cfg = self.config
+        mask = self.causal_mask[input_pos]                     # (T, S)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hs)
+        h = self.tok_embeddings(tokens)                        # (B, T, d)
+        if cfg.scale_emb != 1.0:
+            h = h * cfg.scale_emb
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, input_pos)
+        h = self.norm(h)
+        if cfg.logit_scale != 1.0:
+            h = h * cfg.logit_scale
+        return self.output(h).float()
+
+    def param_count(self) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
