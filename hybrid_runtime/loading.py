@@ -166,10 +166,19 @@ def checkpoint_dtype(files: list[Path]) -> torch.dtype:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
-    """Build the dense engine on the meta device and fill it from an HF checkpoint directory."""
+    """Build the dense engine on the meta device and fill it from an HF checkpoint directory
+    or a hybrid model directory (native names, FFN rows already permuted and neuron-major)."""
+    from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
     model_dir = Path(path)
     cfg = ModelConfig.from_hf(read_config(model_dir))
-    files = checkpoint_files(model_dir)
+    native = is_hybrid_dir(model_dir)
+    if native:
+        weights = model_dir / read_hybrid_meta(model_dir).raw["weights"]
+        if not weights.is_file():
+            raise UserError(f"{weights}: missing (listed in hybrid.json)")
+        files = [weights]
+    else:
+        files = checkpoint_files(model_dir)
     dtype = dtype or checkpoint_dtype(files)
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         # half matmuls on the CPU are slow and some ops are missing; bf16 keeps the range
@@ -180,7 +189,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     expected = {n: p.shape for n, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for hf_name, t, f in iter_checkpoint_tensors(files):
-        mapped = native_name(hf_name)
+        mapped = (hf_name, False) if native else native_name(hf_name)
         if mapped is None:
             if not _IGNORED.match(hf_name):
                 print(f"warning: {f.name}: ignoring unknown tensor {hf_name!r}", file=sys.stderr)

@@ -1,0 +1,184 @@
+"""The hybrid FFN: hot neurons on the GPU (torch, or the CUDA kernels), cold neurons on the CPU (Numba).
+
+One decode step of a layer (DESIGN.md):
+    GPU: x = ffn_norm(h); selection = predictor(x) > threshold (predictor mode)
+         copy x and the cold part of the selection to pinned host memory   (one D2H copy)
+    GPU: y_hot = FFN over the selected hot rows            ┐ at the same time
+    CPU: y_cold = Numba FFN over the selected cold rows    ┘
+         copy y_cold to the GPU; y = y_hot + y_cold          (one H2D copy)
+The CPU half runs on the calling thread: the GPU half is already queued when the host waits
+for x, so the GPU computes while the (GIL-free) Numba kernel runs; no extra thread is needed.
+
+Two selection rules, two classes:
+- `HybridFFN` (--exact): true activations; the hot block is computed densely (zeros are exact)
+  and the CPU kernel evaluates every cold gate, reading up/down rows only where the gate fires.
+- `PredictedHybridFFN` (--predictor, default): the predictor's mask decides which neurons are
+  computed at all (PowerInfer's approximation).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows
+from hybrid_runtime.model import RMSNorm, gate_activation
+
+
+class CpuStaging:
+    """Host side is the same memory: no copies (the `--device cpu` runtime and the tests)."""
+
+    def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
+        sel = None if cold_selected is None else cold_selected.numpy()
+        return x.float().contiguous().numpy(), sel
+
+    def to_device(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(y).to(like.dtype)
+
+
+class CudaStaging:
+    """Pinned host buffers shared by all layers; one D2H and one H2D copy per layer.
+
+    Reuse is safe without extra syncs: every copy is on the current stream, and the host only
+    touches a buffer after waiting on an event recorded behind the previous layer's copies."""
+
+    def __init__(self, max_tokens: int, dim: int, max_cold: int, device: torch.device):
+        self.device = device
+        self.x = torch.empty(max_tokens, dim, dtype=torch.float32, pin_memory=True)
+        self.sel = torch.empty(max(max_cold, 1), dtype=torch.bool, pin_memory=True)
+        self.y = torch.empty(max_tokens, dim, dtype=torch.float32, pin_memory=True)
+        self.ready = torch.cuda.Event()
+
+    def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
+        n = x.shape[0]
+        self.x[:n].copy_(x, non_blocking=True)
+        if cold_selected is not None:
+            self.sel[:cold_selected.shape[0]].copy_(cold_selected, non_blocking=True)
+        self.ready.record()
+        return self.x[:n].numpy(), (None if cold_selected is None else self.sel[:cold_selected.shape[0]].numpy())
+
+    def wait(self) -> None:
+        self.ready.synchronize()  # deliberate sync: the CPU half needs x (the one per-layer round trip)
+
+    def to_device(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        n = y.shape[0]
+        return self.y[:n].to(self.device, non_blocking=True).to(like.dtype)
+
+
+class HybridFFN(nn.Module):
+    """Exact hybrid FFN: rows [0, n_hot) on the device, rows [n_hot, f) in CPU memory."""
+
+    def __init__(self, norm: RMSNorm, hot_gate: torch.Tensor, hot_up: torch.Tensor, hot_down: torch.Tensor,
+                 cold: ColdRows | None, act: str, threshold: float, staging):
+        super().__init__()
+        self.norm = norm
+        self.hot_gate = nn.Parameter(hot_gate, requires_grad=False)   # (k, d)
+        self.hot_up = nn.Parameter(hot_up, requires_grad=False)       # (k, d)
+        self.hot_down = nn.Parameter(hot_down, requires_grad=False)   # (k, d)
+        self.act_fn = gate_activation(act, threshold)
+        self.cold = ColdFFN(cold, act, threshold) if cold is not None and cold.n_rows else None
+        self.n_cold = cold.n_rows if self.cold is not None else 0
+        self.all_cold = np.arange(self.n_cold, dtype=np.int32)
+        self.staging = staging
+
+    def select(self, h: torch.Tensor, x: torch.Tensor):
+        """(hot keep-mask (N, k) or None, cold selection (n_cold,) bool or None); None: all, exact."""
+        return None, None
+
+    def hot_ffn(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        a = self.act_fn(F.linear(x, self.hot_gate), F.linear(x, self.hot_up))  # (N, k)
+        if keep is not None:
+            a = a * keep
+        return a @ self.hot_down                                               # (N, d)
+
+    def cold_ffn(self, x_host: np.ndarray, cold_sel: np.ndarray | None) -> np.ndarray:
+        active = self.all_cold if cold_sel is None else np.flatnonzero(cold_sel).astype(np.int32)
+        y = np.empty_like(x_host)
+        if x_host.shape[0] == 1:
+            self.cold.decode(x_host[0], active, y[0])
+        else:
+            self.cold.batch(x_host, active, y)
+        return y
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, d = h.shape
+        x = self.norm(h).view(B * T, d)                                        # (N, d)
+        hot_keep, cold_sel = self.select(h.view(B * T, d), x)
+        if self.cold is None:
+            return self.hot_ffn(x, hot_keep).view(B, T, d)
+        x_host, sel_host = self.staging.to_host(x, cold_sel)    # queued: D2H copy of x (+ selection)
+        y = self.hot_ffn(x, hot_keep)                           # queued: GPU hot half
+        getattr(self.staging, "wait", lambda: None)()
+        y_cold = self.cold_ffn(x_host, sel_host)                # CPU half, while the GPU works
+        return (y + self.staging.to_device(y_cold, y)).view(B, T, d)
+
+
+class PredictedHybridFFN(HybridFFN):
+    """Predictor mode: only neurons whose predictor logit passes the layer threshold are computed."""
+
+    def __init__(self, *args, predictor: nn.Module, predictor_reads_residual: bool, n_hot: int, **kw):
+        super().__init__(*args, **kw)
+        self.predictor = predictor
+        self.reads_residual = predictor_reads_residual
+        self.n_hot = n_hot
+
+    def select(self, h: torch.Tensor, x: torch.Tensor):
+        mask = self.predictor.predict_active(h if self.reads_residual else x)  # (N, f) bool
+        hot_keep = mask[:, :self.n_hot].to(x.dtype)
+        cold_sel = mask[:, self.n_hot:].any(dim=0)          # union over the tokens: (n_cold,)
+        return hot_keep, cold_sel
+
+
+def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype: torch.dtype | None = None,
+                       mode: str = "predictor", cold_format: str | None = None, max_tokens: int = 512):
+    """Load a hybrid model directory with layer l's rows [0, hot_counts[l]) on `device` and the rest
+    in CPU memory as `cold_format` rows (bf16/fp16 bit patterns, or int8 with per-row scales).
+
+    mode "predictor" uses the stored predictors; "exact" computes true activations.
+    """
+    from hybrid_runtime.errors import UserError
+    from hybrid_runtime.hybrid_format import read_hybrid_meta
+    from hybrid_runtime.loading import load_model
+
+    meta = read_hybrid_meta(path)
+    if mode not in ("predictor", "exact"):
+        raise UserError(f"unknown hybrid mode {mode!r} (predictor or exact)")
+    if mode == "predictor" and meta.predictors_file is None:
+        raise UserError(f"{path}: has no predictors (hybrid.json 'predictors' is null); run with --exact "
+                        "or re-pack with predictors")
+    model = load_model(path, device="cpu", dtype=dtype)      # memory-mapped where possible
+    cfg = model.config
+    if len(hot_counts) != cfg.n_layers or any(not 0 <= k <= cfg.ffn_dim for k in hot_counts):
+        raise UserError(f"hot neuron counts must be {cfg.n_layers} values in [0, {cfg.ffn_dim}]")
+    predictors = None
+    if mode == "predictor":
+        from predictors.model import PredictorSet
+        predictors = PredictorSet.load(meta.predictors_file, device=device)
+        if len(predictors) != cfg.n_layers:
+            raise UserError(f"{meta.predictors_file}: {len(predictors)} layers, the model has {cfg.n_layers}")
+    max_cold = max(cfg.ffn_dim - k for k in hot_counts)
+    staging = (CudaStaging(max_tokens, cfg.dim, max_cold, device) if device.type == "cuda"
+               else CpuStaging())
+    for i, layer in enumerate(model.layers):
+        ffn, k = layer.ffn, hot_counts[i]
+        hot = [t[:k].to(device) for t in (ffn.gate.data, ffn.up.data, ffn.down.data)]
+        cold = ColdRows.from_torch(ffn.gate.data[k:], ffn.up.data[k:], ffn.down.data[k:], fmt=cold_format) \
+            if k < cfg.ffn_dim else None
+        args = (ffn.norm.to(device), *hot, cold, cfg.act, cfg.act_threshold, staging)
+        if predictors is None:
+            layer.ffn = HybridFFN(*args)
+        else:
+            layer.ffn = PredictedHybridFFN(*args, predictor=predictors.layers[i],
+                                           predictor_reads_residual=predictors.input_kind == "residual",
+                                           n_hot=k)
+    # everything that is not a cold row goes to the device
+    model.tok_embeddings.to(device)
+    model.norm.to(device)
+    model.output.to(device)
+    for layer in model.layers:
+        layer.attn_norm.to(device)
+        layer.attn.to(device)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
