@@ -130,8 +130,11 @@ class Generator:
     keeping its KV cache across calls so chat turns only prefill what is new."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, context: int, device: torch.device | str,
-                 eos_ids: list[int] | None = None, prefill_chunk: int = 512):
+                 eos_ids: list[int] | None = None, prefill_chunk: int = 512,
+                 decode_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model, self.tokenizer, self.context = model, tokenizer, context
+        # one-token forward; a GraphedDecodeStep on CUDA, the model itself otherwise
+        self.decode_step = decode_step or model
         self.device = torch.device(device)
         self.prefill_chunk = prefill_chunk
         eos = set(eos_ids or [])
@@ -207,7 +210,7 @@ class Generator:
                 if seen is not None:
                     seen = torch.cat([seen, nxt.view(1)])
                 pos = len(self.cached)
-                logits = self.model(nxt.view(1, 1), self.positions[pos:pos + 1])[0, -1]
+                logits = self.decode_step(nxt.view(1, 1), self.positions[pos:pos + 1])[0, -1]
                 self.cached.append(token)
                 steps += 1
         except KeyboardInterrupt:
