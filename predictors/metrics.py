@@ -61,6 +61,20 @@ def ffn_output_rel_error(a: torch.Tensor, down: torch.Tensor, true: torch.Tensor
     return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
 
 
+def recall_standard_error(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Standard error of micro recall over tokens (rows), by the delta method for a ratio estimator.
+
+    recall R = sum_t tp_t / sum_t pos_t; SE = sqrt(sum_t (tp_t - R pos_t)^2) / sum_t pos_t.
+    """
+    pred, true = _t(pred).bool(), _t(true).bool()
+    tp, pos = (pred & true).sum(1).double(), true.sum(1).double()  # (n,)
+    n_pos = float(pos.sum())
+    if n_pos == 0:
+        return 0.0
+    r = float(tp.sum()) / n_pos
+    return float((tp - r * pos).square().sum().sqrt()) / n_pos
+
+
 def threshold_for_recall(scores: torch.Tensor, true: torch.Tensor, target: float) -> float:
     """Largest threshold t with recall(scores > t) >= target."""
     scores, true = _t(scores).float(), _t(true).bool()

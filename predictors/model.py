@@ -144,8 +144,6 @@ class PredictorSet(nn.Module):
                 meta = fh.metadata() or {}
                 keys = set(fh.keys())
                 tensors = {k: fh.get_tensor(k) for k in keys}
-        except UserError:
-            raise
         except Exception as e:  # not a safetensors file, truncated, ...
             raise UserError(f"{path}: not a readable safetensors file ({e})") from None
         if meta.get("format") != FORMAT_NAME:

@@ -14,13 +14,18 @@ The held-out 5% is split in two halves: `val` (early stopping, checkpoint choice
 choice) and `test` (the reported metrics), so reported numbers are not tuned on.
 Checkpoint kept: the epoch with the highest val recall at the density budget
 (`density_factor` x true density) - the same "highest recall" rule as ProSparse, measured at the
-density we target instead of at logit 0. Training stops after `patience` epochs without improvement.
+density we target instead of at logit 0 (ties, e.g. recall 1.0, go to the lower val density at the
+recall target). Training stops after `patience` epochs without improvement.
 Rank: binary search over the sorted candidate list for the smallest rank whose val density at the
 recall target is <= density_factor x true density (monotone in rank in practice); if none meets it,
-the candidate with the lowest such density is kept and the layer is flagged `target_met: false`.
-Decision threshold: the largest threshold whose val recall >= recall target.
+the candidate with the lowest such density is kept and the layer is flagged `val_target_met: false`.
+Decision threshold: the largest threshold whose val recall >= recall target + `recall_margin_se` standard
+errors of the val recall estimate (ratio-estimator SE over tokens, at the plain target's threshold); a
+threshold fitted at exactly the target would miss it on new text about half the time. The margin is
+small (~0.001-0.005) and recorded per layer as `recall_margin`.
 Input: "ffn_norm" (x = ffn_norm(h), what the FFN sees) or "residual" (h, what ProSparse's published
-predictors read); `choose_input_kind` trains both on one probe layer and keeps the lower val density.
+predictors read); `choose_input_kind` trains both on one probe layer (the middle one) and keeps
+ffn_norm unless residual's val density at the recall target is more than 2% lower.
 """
 from __future__ import annotations
 
@@ -37,11 +42,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hybrid_runtime.errors import UserError
-from predictors.metrics import (ffn_output_rel_error, mask_metrics, recall_density_curve,
+from predictors.metrics import (ffn_output_rel_error, mask_metrics, recall_density_curve, recall_standard_error,
                                 threshold_for_density, threshold_for_recall)
 from predictors.model import LayerPredictor, PredictorSet
 from predictors.samples import SampleReader, unpack_mask
 
+RESIDUAL_MARGIN = 0.02
 RANK_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -56,11 +62,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int = 1024
     max_epochs: int = 50
-    min_steps: int = 200               # small sample sets: repeat epochs until this many steps
+    min_steps: int = 50                # small sample sets: an "epoch" repeats the data to this many steps
     patience: int = 4
     held_out_frac: float = 0.05
     min_held_out: int = 256            # val + test rows at least (if the store has 4x that many)
     neg_weight_eps: float = 0.005
+    recall_margin_se: float = 2.0      # decision threshold aims this many standard errors above the target
     max_samples: int | None = None
     input_kind: str = "auto"           # "auto" | "ffn_norm" | "residual"
     seed: int = 0
@@ -166,7 +173,7 @@ def train_predictor(data: LayerData, rank: int, cfg: TrainConfig, desc: str = ""
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     # tiny sample sets: make one "epoch" at least min_steps steps so early stopping sees progress
     repeats = max(1, math.ceil(cfg.min_steps / steps_per_epoch))
-    best, best_state, bad, history = -1.0, None, 0, []
+    best, best_state, bad, history = (-1.0, 0.0), None, 0, []
     bar = tqdm(range(cfg.max_epochs), desc=desc or f"rank {rank}", leave=False, disable=not cfg.progress,
                file=sys.stderr)
     for epoch in bar:
@@ -189,8 +196,9 @@ def train_predictor(data: LayerData, rank: int, cfg: TrainConfig, desc: str = ""
         ev = evaluate(p, data, "val", cfg)
         ev.update(epoch=epoch, loss=float(loss_sum) / steps)
         history.append(ev)
-        if ev["recall_at_budget"] > best:
-            best, best_state, bad = ev["recall_at_budget"], copy.deepcopy(p.state_dict()), 0
+        key = (ev["recall_at_budget"], -ev["density_at_target"])  # ties (e.g. recall 1.0): lower density
+        if key > best:
+            best, best_state, bad = key, copy.deepcopy(p.state_dict()), 0
         else:
             bad += 1
         bar.set_postfix(loss=f"{ev['loss']:.4f}", recall=f"{ev['recall_at_budget']:.4f}",
@@ -199,8 +207,9 @@ def train_predictor(data: LayerData, rank: int, cfg: TrainConfig, desc: str = ""
             break
     bar.close()
     p.load_state_dict(best_state)
-    return p, {"rank": rank, "epochs": len(history), "best_epoch": max(range(len(history)),
-               key=lambda i: (history[i]["recall_at_budget"], -i)), "history": history}
+    best_epoch = max(range(len(history)), key=lambda i: ((history[i]["recall_at_budget"],
+                                                         -history[i]["density_at_target"]), -i))
+    return p, {"rank": rank, "epochs": len(history), "best_epoch": best_epoch, "history": history}
 
 
 def fit_layer_rank(data: LayerData, ranks: list[int], cfg: TrainConfig, layer: int) -> tuple[LayerPredictor, list[dict], bool]:
@@ -226,6 +235,15 @@ def fit_layer_rank(data: LayerData, ranks: list[int], cfg: TrainConfig, layer: i
     else:  # nothing meets it: keep the best trade-off seen
         rank, met = min(tried, key=lambda r: (tried[r][1]["val"]["density_at_target"], r)), False
     return tried[rank][0], [tried[r][1] for r in sorted(tried)], met
+
+
+@torch.no_grad()
+def decision_threshold(p: LayerPredictor, data: LayerData, cfg: TrainConfig) -> tuple[float, float]:
+    """(threshold, margin): largest threshold with val recall >= target + margin (see module docstring)."""
+    logits, true = predict_logits(p, data.x["val"]), data.labels("val")
+    t0 = threshold_for_recall(logits, true, cfg.recall_target)
+    margin = cfg.recall_margin_se * recall_standard_error(logits > t0, true)
+    return threshold_for_recall(logits, true, min(1.0, cfg.recall_target + margin)), margin
 
 
 @torch.no_grad()
@@ -259,7 +277,10 @@ def choose_input_kind(reader: SampleReader, ffns: list, cfg: TrainConfig, ranks:
         data = load_layer(reader, layer, make_input_fn(kind, reader.x_kind, norm_fn(ffns[layer], cfg.device)), cfg)
         p, _ = train_predictor(data, rank, cfg, desc=f"probe layer {layer} input={kind} rank {rank}")
         results[kind] = evaluate(p, data, "val", cfg)
-    kind = min(results, key=lambda k: (results[k]["density_at_target"], k != "ffn_norm"))
+    # ffn_norm is what the FFN itself reads (and what the runtime has at hand): the residual input
+    # must be clearly better (> RESIDUAL_MARGIN lower density) to win, not just by training noise.
+    better = results["residual"]["density_at_target"] < (1 - RESIDUAL_MARGIN) * results["ffn_norm"]["density_at_target"]
+    kind = "residual" if better else "ffn_norm"
     return kind, {"probe_layer": layer, "rank": rank, "chosen": kind, "val": results}
 
 
@@ -270,7 +291,8 @@ class LayerResult:
     layer: int
     rank: int
     threshold: float
-    target_met: bool
+    recall_margin: float
+    val_target_met: bool
     params: int
     param_frac: float
     test: dict
@@ -323,9 +345,9 @@ def train_all(reader: SampleReader, ffns: list, cfg: TrainConfig, work_dir: Path
         norm = norm_fn(ffns[i], cfg.device) if ffns[i] is not None else None
         data = load_layer(reader, i, make_input_fn(kind, reader.x_kind, norm), cfg)
         p, search, met = fit_layer_rank(data, ranks, cfg, i)
-        p.threshold = threshold_for_recall(predict_logits(p, data.x["val"]), data.labels("val"),
-                                           cfg.recall_target)
-        res = LayerResult(layer=i, rank=p.rank, threshold=p.threshold, target_met=met, params=p.n_params(),
+        p.threshold, margin = decision_threshold(p, data, cfg)
+        res = LayerResult(layer=i, rank=p.rank, threshold=p.threshold, recall_margin=margin, val_target_met=met,
+                          params=p.n_params(),
                           param_frac=p.n_params() / (3 * d * f), test=test_metrics(p, data, ffns[i], cfg),
                           rank_search=search)
         if baseline_fn is not None and i in baseline_layers:

@@ -1,0 +1,118 @@
+"""`hybrid-convert pack` (profile + predictors -> hybrid model directory) and `hybrid-convert all`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from hybrid_runtime.errors import UserError, prepare_output_dir
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_profile(profile_dir: Path) -> tuple[dict, list[np.ndarray]]:
+    """profile.json and the per-layer frequency arrays (original neuron order)."""
+    from safetensors.numpy import load_file
+    prof_path = profile_dir / "profile.json"
+    if not prof_path.is_file():
+        raise UserError(f"{prof_path}: not found (run `hybrid-convert profile` first, or finish it with --resume)")
+    prof = json.loads(prof_path.read_text())
+    freq_path = profile_dir / prof.get("frequencies", "frequencies.safetensors")
+    if not freq_path.is_file():
+        raise UserError(f"{freq_path}: missing")
+    freq = load_file(str(freq_path))["frequency"]
+    return prof, [freq[i] for i in range(freq.shape[0])]
+
+
+def pack(model: str, profile_dir: str, predictors_dir: str | None, out_dir: str, force: bool) -> Path:
+    from hybrid_runtime.hybrid_format import pack_hybrid_model
+    from hybrid_runtime.loading import load_config, resolve_model
+    from predictors.model import PredictorSet
+
+    src = resolve_model(model)
+    cfg = load_config(src)
+    prof, freqs = read_profile(Path(profile_dir))
+    if (len(freqs), len(freqs[0])) != (cfg.n_layers, cfg.ffn_dim):
+        raise UserError(f"{profile_dir}: profile is {len(freqs)} layers x {len(freqs[0])} neurons but the model "
+                        f"is {cfg.n_layers} x {cfg.ffn_dim} (a profile of another model?)")
+    predictors, layer_stats = None, [dict(p) for p in prof.get("layers", [])]
+    if predictors_dir:
+        pred_file = Path(predictors_dir) / "predictors.safetensors"
+        if not pred_file.is_file():
+            raise UserError(f"{pred_file}: not found (run `hybrid-convert train-predictors` first)")
+        predictors = PredictorSet.load(pred_file)
+        if (len(predictors), predictors.ffn_dim, predictors.dim) != (cfg.n_layers, cfg.ffn_dim, cfg.dim):
+            raise UserError(f"{pred_file}: predictors do not match the model's shape")
+        metrics_path = Path(predictors_dir) / "predictor_metrics.json"
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text())
+            for stat, m in zip(layer_stats, metrics.get("layers", [])):
+                test = m.get("test", {})
+                stat.update(predictor_rank=m.get("rank"), predictor_threshold=m.get("threshold"),
+                            predictor_recall=test.get("recall"), predictor_precision=test.get("precision"),
+                            predicted_density=test.get("pred_density"))
+    out = prepare_output_dir(out_dir, force)
+    calibration = {"data": prof.get("data"), "activity": prof.get("activity")}
+    pack_hybrid_model(src, out, freqs, predictors=predictors, calibration=calibration,
+                      layer_stats=layer_stats or None)
+    return out
+
+
+@click.command("pack")
+@click.option("--model", "-m", required=True, help="The ReLU-family HF checkpoint that was profiled.")
+@click.option("--profile", "profile_dir", required=True, help="Directory from `hybrid-convert profile`.")
+@click.option("--predictors", "predictors_dir", default=None,
+              help="Directory from `hybrid-convert train-predictors` (omit for an --exact-only model).")
+@click.option("--out", "out_dir", required=True, help="The hybrid model directory to write.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+def pack_cmd(model, profile_dir, predictors_dir, out_dir, force):
+    """Write a hybrid model directory: neurons sorted by frequency, predictors, hybrid.json."""
+    out = pack(model, profile_dir, predictors_dir, out_dir, force)
+    log(f"wrote hybrid model directory {out}")
+
+
+@click.command("all")
+@click.option("--model", "-m", required=True, help="A ReLU-family HF checkpoint (ProSparse, ReluLLaMA, ...).")
+@click.option("--data", "data_files", multiple=True, required=True, help="Calibration text (.txt/.jsonl), repeatable.")
+@click.option("--out", "out_dir", required=True, help="The hybrid model directory to write.")
+@click.option("--tokens", type=int, default=1_000_000, show_default=True, help="Calibration tokens to profile.")
+@click.option("--samples-per-layer", type=int, default=65536, show_default=True)
+@click.option("--block-len", type=int, default=512, show_default=True)
+@click.option("--recall-target", type=float, default=0.95, show_default=True)
+@click.option("--ranks", default="auto", show_default=True)
+@click.option("--max-epochs", type=int, default=50, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--work-dir", default=None, help="Where intermediate results go (default: OUT.work); reused on rerun.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.pass_context
+def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_len, recall_target, ranks,
+            max_epochs, device, work_dir, force):
+    """profile -> train-predictors -> pack, for a model that is already ReLU. Rerun to resume."""
+    from convert.predictors_cli import profile_cmd, train_predictors_cmd
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: output directory exists and is not empty (use --force to overwrite)")
+    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    prof_dir, pred_dir = work / "profile", work / "predictors"
+    if (prof_dir / "profile.json").is_file():
+        log(f"[1/3] profile: reusing {prof_dir}")
+    else:
+        log(f"[1/3] profile -> {prof_dir}")
+        ctx.invoke(profile_cmd, model=model, data_files=data_files, tokens=tokens, out_dir=str(prof_dir),
+                   samples_per_layer=samples_per_layer, block_len=block_len, device=device,
+                   resume=prof_dir.is_dir() and any(prof_dir.iterdir()))
+    if (pred_dir / "predictors.safetensors").is_file():
+        log(f"[2/3] train-predictors: reusing {pred_dir}")
+    else:
+        log(f"[2/3] train-predictors -> {pred_dir}")
+        ctx.invoke(train_predictors_cmd, profile_dir=str(prof_dir), out_dir=str(pred_dir), model=model,
+                   recall_target=recall_target, ranks=ranks, max_epochs=max_epochs, device=device,
+                   resume=(pred_dir / "partial").is_dir())
+    log(f"[3/3] pack -> {out}")
+    pack(model, str(prof_dir), str(pred_dir), str(out), force)
+    log(f"wrote hybrid model directory {out} (intermediate results kept in {work})")
