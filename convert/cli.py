@@ -17,3 +17,12 @@ def main() -> None:
 
 
 # Subcommands register themselves below, one line each.
+from convert.predictors_cli import profile_cmd, train_predictors_cmd  # noqa: E402
+main_group.add_command(profile_cmd)
+main_group.add_command(train_predictors_cmd)
+from convert.prosparse_cli import eval_cmd, prosparse_cmd  # noqa: E402
+main_group.add_command(prosparse_cmd)
+main_group.add_command(eval_cmd)
+from convert.pack_cli import all_cmd, pack_cmd  # noqa: E402
+main_group.add_command(pack_cmd)
+main_group.add_command(all_cmd)

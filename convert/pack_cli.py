@@ -86,12 +86,14 @@ def pack_cmd(model, profile_dir, predictors_dir, out_dir, force):
 @click.option("--recall-target", type=float, default=0.95, show_default=True)
 @click.option("--ranks", default="auto", show_default=True)
 @click.option("--max-epochs", type=int, default=50, show_default=True)
+@click.option("--baseline-layers", default="none", show_default=True,
+              help="Layers to compare against the scikit-learn baselines (as in train-predictors).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--work-dir", default=None, help="Where intermediate results go (default: OUT.work); reused on rerun.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 @click.pass_context
 def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_len, recall_target, ranks,
-            max_epochs, device, work_dir, force):
+            max_epochs, baseline_layers, device, work_dir, force):
     """profile -> train-predictors -> pack, for a model that is already ReLU. Rerun to resume."""
     from convert.predictors_cli import profile_cmd, train_predictors_cmd
     out = Path(out_dir)
@@ -112,6 +114,7 @@ def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_le
         log(f"[2/3] train-predictors -> {pred_dir}")
         ctx.invoke(train_predictors_cmd, profile_dir=str(prof_dir), out_dir=str(pred_dir), model=model,
                    recall_target=recall_target, ranks=ranks, max_epochs=max_epochs, device=device,
+                   baseline_layers=baseline_layers,
                    resume=(pred_dir / "partial").is_dir())
     log(f"[3/3] pack -> {out}")
     pack(model, str(prof_dir), str(pred_dir), str(out), force)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from hybrid_runtime.errors import UserError, console_main
-from hybrid_runtime.generate import Generator, SamplingParams
+from hybrid_runtime.generate import SamplingParams
 
 PLAIN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}Assistant:"
 
@@ -26,6 +26,18 @@ def model_options(f):
                   help="Run dtype: auto (the checkpoint's), float32, float16, bfloat16.")
     @click.option("--threads", type=int, default=None, help="CPU threads (default: torch's choice).")
     @click.option("--context", type=int, default=None, help="KV cache length in tokens (default: min(model max, 4096)).")
+    @click.option("--predictor", "mode", flag_value="predictor", default=None,
+                  help="Hybrid model: compute the neurons the predictors mark active (default; approximate).")
+    @click.option("--exact", "mode", flag_value="exact",
+                  help="Hybrid model: true activations (gate in full, up/down only where it fires): equals dense.")
+    @click.option("--dense", "mode", flag_value="dense", help="No sparsity: the dense engine (the baseline).")
+    @click.option("--gpu-memory", default=None,
+                  help="GPU budget for a hybrid model, e.g. 8GiB (default: the GPU's free memory).")
+    @click.option("--hot-fraction", type=float, default=None,
+                  help="Put this fraction of each layer's FFN neurons (the most frequent) on the device, "
+                       "overriding the placement solver.")
+    @click.option("--cold-format", type=click.Choice(["bf16", "fp16", "int8"]), default=None,
+                  help="CPU storage of cold neurons (default: the checkpoint's 16-bit type).")
     @click.option("--debug", is_flag=True, hidden=True)
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -50,11 +62,13 @@ def sampling_options(f):
     return wrapper
 
 
-def _open(model, device, dtype, threads, context):
+def _open(model, device, dtype, threads, context, mode, gpu_memory, hot_fraction, cold_format):
     from hybrid_runtime.session import open_model
-    lm = open_model(model, device=device, dtype=dtype, threads=threads, context=context)
+    lm = open_model(model, device=device, dtype=dtype, threads=threads, context=context, mode=mode,
+                    gpu_memory=gpu_memory, hot_fraction=hot_fraction, cold_format=cold_format)
     log(f"model: {lm.path} ({lm.config.architecture}, {lm.config.n_layers} layers, act={lm.config.act}) "
-        f"on {lm.device} as {str(lm.dtype).replace('torch.', '')}, context {lm.context}")
+        f"on {lm.device} as {str(lm.dtype).replace('torch.', '')}, context {lm.context}, mode {lm.mode}"
+        f"{', CUDA graph decode' if lm.decode_step else ''}")
     return lm
 
 
@@ -68,13 +82,13 @@ def main_group(debug: bool) -> None:
 @model_options
 @sampling_options
 @click.option("--prompt", "-p", required=True, help="Prompt text; '-' reads it from stdin.")
-def generate(model, device, dtype, threads, context, params, prompt):
+def generate(params, prompt, **model_kw):
     """Generate a continuation of PROMPT, streaming it to stdout."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    lm = _open(model, device, dtype, threads, context)
+    lm = _open(**model_kw)
     ids = lm.tokenizer(prompt, add_special_tokens=True).input_ids
-    gen = Generator(lm.model, lm.tokenizer, lm.context, lm.device, eos_ids=lm.config.eos_token_ids)
+    gen = lm.generator()
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
@@ -90,14 +104,14 @@ def generate(model, device, dtype, threads, context, params, prompt):
 @model_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt.")
-def chat(model, device, dtype, threads, context, params, system):
+def chat(params, system, **model_kw):
     """Multi-turn chat on stdin/stdout. /reset clears the history, /exit quits; Ctrl-C stops an answer."""
-    lm = _open(model, device, dtype, threads, context)
+    lm = _open(**model_kw)
     tok = lm.tokenizer
     template = getattr(tok, "chat_template", None)
     if not template:
         log("note: the tokenizer has no chat template; using a plain 'User:/Assistant:' template")
-    gen = Generator(lm.model, tok, lm.context, lm.device, eos_ids=lm.config.eos_token_ids)
+    gen = lm.generator()
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     if interactive:
@@ -144,7 +158,7 @@ def chat(model, device, dtype, threads, context, params, system):
 @main_group.command()
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
-def info(model, device, dtype, threads, context, as_json):
+def info(model, as_json, **_unused):
     """Architecture, size, dtype, activation, sparsity metadata and available kernels."""
     from hybrid_runtime.info import model_info
     data = model_info(model)

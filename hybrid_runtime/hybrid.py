@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybrid_runtime import kernels
 from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows
 from hybrid_runtime.model import RMSNorm, gate_activation
 
@@ -67,11 +68,17 @@ class CudaStaging:
 
 
 class HybridFFN(nn.Module):
-    """Exact hybrid FFN: rows [0, n_hot) on the device, rows [n_hot, f) in CPU memory."""
+    """Exact hybrid FFN: rows [0, n_hot) on the device, rows [n_hot, f) in CPU memory.
+
+    The hot half runs through the CUDA sparse kernels when `use_kernels` (fp16/bf16 on a GPU with
+    the extension built), else through plain torch over the whole hot block (the tested fallback).
+    """
 
     def __init__(self, norm: RMSNorm, hot_gate: torch.Tensor, hot_up: torch.Tensor, hot_down: torch.Tensor,
-                 cold: ColdRows | None, act: str, threshold: float, staging):
+                 cold: ColdRows | None, act: str, threshold: float, staging, use_kernels: bool = False):
         super().__init__()
+        self.act, self.threshold = act, threshold
+        self.hot_ffn = self.hot_ffn_kernels if use_kernels and hot_gate.shape[0] else self.hot_ffn_torch
         self.norm = norm
         self.hot_gate = nn.Parameter(hot_gate, requires_grad=False)   # (k, d)
         self.hot_up = nn.Parameter(hot_up, requires_grad=False)       # (k, d)
@@ -83,14 +90,16 @@ class HybridFFN(nn.Module):
         self.staging = staging
 
     def select(self, h: torch.Tensor, x: torch.Tensor):
-        """(hot keep-mask (N, k) or None, cold selection (n_cold,) bool or None); None: all, exact."""
+        """(hot predictor logits (N, k) or None, cold selection (n_cold,) bool or None); None: exact."""
         return None, None
 
-    def hot_ffn(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def hot_ffn_torch(self, x: torch.Tensor, hot_logits: None) -> torch.Tensor:
         a = self.act_fn(F.linear(x, self.hot_gate), F.linear(x, self.hot_up))  # (N, k)
-        if keep is not None:
-            a = a * keep
         return a @ self.hot_down                                               # (N, d)
+
+    def hot_ffn_kernels(self, x: torch.Tensor, hot_logits: None) -> torch.Tensor:
+        # dense gate, up and down rows only where the gate fires: exact
+        return kernels.dense_gate_sparse_ffn(x, self.hot_gate, self.hot_up, self.hot_down, self.act, self.threshold)
 
     def cold_ffn(self, x_host: np.ndarray, cold_sel: np.ndarray | None) -> np.ndarray:
         active = self.all_cold if cold_sel is None else np.flatnonzero(cold_sel).astype(np.int32)
@@ -104,11 +113,11 @@ class HybridFFN(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, d = h.shape
         x = self.norm(h).view(B * T, d)                                        # (N, d)
-        hot_keep, cold_sel = self.select(h.view(B * T, d), x)
+        hot_logits, cold_sel = self.select(h.view(B * T, d), x)
         if self.cold is None:
-            return self.hot_ffn(x, hot_keep).view(B, T, d)
+            return self.hot_ffn(x, hot_logits).view(B, T, d)
         x_host, sel_host = self.staging.to_host(x, cold_sel)    # queued: D2H copy of x (+ selection)
-        y = self.hot_ffn(x, hot_keep)                           # queued: GPU hot half
+        y = self.hot_ffn(x, hot_logits)                         # queued: GPU hot half
         getattr(self.staging, "wait", lambda: None)()
         y_cold = self.cold_ffn(x_host, sel_host)                # CPU half, while the GPU works
         return (y + self.staging.to_device(y_cold, y)).view(B, T, d)
@@ -124,10 +133,19 @@ class PredictedHybridFFN(HybridFFN):
         self.n_hot = n_hot
 
     def select(self, h: torch.Tensor, x: torch.Tensor):
-        mask = self.predictor.predict_active(h if self.reads_residual else x)  # (N, f) bool
-        hot_keep = mask[:, :self.n_hot].to(x.dtype)
-        cold_sel = mask[:, self.n_hot:].any(dim=0)          # union over the tokens: (n_cold,)
-        return hot_keep, cold_sel
+        logits = self.predictor(h if self.reads_residual else x)           # (N, f)
+        cold_sel = (logits[:, self.n_hot:] > self.predictor.threshold).any(dim=0)  # union over tokens
+        return logits[:, :self.n_hot], cold_sel
+
+    def hot_ffn_torch(self, x: torch.Tensor, hot_logits: torch.Tensor) -> torch.Tensor:
+        keep = (hot_logits > self.predictor.threshold).to(x.dtype)          # (N, k)
+        a = self.act_fn(F.linear(x, self.hot_gate), F.linear(x, self.hot_up)) * keep
+        return a @ self.hot_down
+
+    def hot_ffn_kernels(self, x: torch.Tensor, hot_logits: torch.Tensor) -> torch.Tensor:
+        idx, count = kernels.active_indices(hot_logits, self.predictor.threshold)  # on the GPU, no sync
+        return kernels.sparse_ffn(x, self.hot_gate, self.hot_up, self.hot_down, idx, count, self.act,
+                                  self.threshold)
 
 
 def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype: torch.dtype | None = None,
@@ -154,10 +172,14 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     predictors = None
     if mode == "predictor":
         from predictors.model import PredictorSet
-        predictors = PredictorSet.load(meta.predictors_file, device=device)
+        predictors = PredictorSet.load(meta.predictors_file, device=device,
+                                       dtype=model.tok_embeddings.weight.dtype)
         if len(predictors) != cfg.n_layers:
             raise UserError(f"{meta.predictors_file}: {len(predictors)} layers, the model has {cfg.n_layers}")
     max_cold = max(cfg.ffn_dim - k for k in hot_counts)
+    run_dtype = model.tok_embeddings.weight.dtype
+    use_kernels = (device.type == "cuda" and run_dtype in (torch.float16, torch.bfloat16)
+                   and kernels.cuda_kernels_ready())
     staging = (CudaStaging(max_tokens, cfg.dim, max_cold, device) if device.type == "cuda"
                else CpuStaging())
     for i, layer in enumerate(model.layers):
@@ -167,9 +189,9 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
             if k < cfg.ffn_dim else None
         args = (ffn.norm.to(device), *hot, cold, cfg.act, cfg.act_threshold, staging)
         if predictors is None:
-            layer.ffn = HybridFFN(*args)
+            layer.ffn = HybridFFN(*args, use_kernels=use_kernels)
         else:
-            layer.ffn = PredictedHybridFFN(*args, predictor=predictors.layers[i],
+            layer.ffn = PredictedHybridFFN(*args, use_kernels=use_kernels, predictor=predictors.layers[i],
                                            predictor_reads_residual=predictors.input_kind == "residual",
                                            n_hot=k)
     # everything that is not a cold row goes to the device

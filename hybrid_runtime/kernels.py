@@ -149,6 +149,11 @@ def _reset_backend() -> None:
         _backend, _status, _announced = None, None, False
 
 
+def cuda_kernels_ready() -> bool:
+    """True when the CUDA extension is in use (resolving it, and announcing a fallback, on first call)."""
+    return _get_backend() is not None
+
+
 def kernel_status() -> str:
     """Which sparse FFN backend is in use, and why (for `hybrid-run info`). Resolves the backend
     on first call, which may JIT-build the extension."""

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
+from collections.abc import Callable
+
 from hybrid_runtime.errors import UserError
+from hybrid_runtime.generate import Generator
+from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
 from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, read_config, resolve_model
 from hybrid_runtime.model import ModelConfig
 
@@ -58,10 +62,28 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     context: int
+    mode: str                                  # dense, exact or predictor
+    decode_step: Callable | None = None        # CUDA-graph replay of one decode step, when capturable
+    placement: object | None = None            # hybrid_runtime.placement.Placement, hybrid on CUDA
+
+    def generator(self) -> Generator:
+        return Generator(self.model, self.tokenizer, self.context, self.device,
+                         eos_ids=self.config.eos_token_ids, decode_step=self.decode_step)
+
+
+MODES = ("predictor", "exact", "dense")
+WORKSPACE_BYTES = 512 * 1024 ** 2  # activations, cuBLAS workspace, allocator slack
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def open_model(name: str | None, device: str | None = None, dtype: str | None = None,
-               threads: int | None = None, context: int | None = None) -> LoadedModel:
+               threads: int | None = None, context: int | None = None, mode: str | None = None,
+               gpu_memory: str | None = None, hot_fraction: float | None = None,
+               cold_format: str | None = None, cuda_graph: bool = True) -> LoadedModel:
+    """Open a plain HF checkpoint (dense) or a hybrid model directory (predictor/exact/dense)."""
     path = resolve_model(name) if name else default_model_dir()
     hf = read_config(path)
     cfg = ModelConfig.from_hf(hf)
@@ -71,10 +93,81 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if ctx < 2:
         raise UserError(f"--context must be >= 2, got {ctx}")
     if ctx > cfg.max_seq_len:
-        print(f"warning: --context {ctx} is beyond the model's max_position_embeddings "
-              f"({cfg.max_seq_len}); quality may degrade", file=sys.stderr)
+        log(f"warning: --context {ctx} is beyond the model's max_position_embeddings "
+            f"({cfg.max_seq_len}); quality may degrade")
+    hybrid = is_hybrid_dir(path)
+    if mode is not None and mode not in MODES:
+        raise UserError(f"unknown mode {mode!r} (use one of: {', '.join(MODES)})")
+    if mode in ("predictor", "exact") and not hybrid:
+        raise UserError(f"{path}: --{mode} needs a hybrid model directory (hybrid.json); make one with "
+                        "`hybrid-convert all`, or run this checkpoint with --dense")
+    mode = mode or ("predictor" if hybrid and read_hybrid_meta(path).predictors_file else
+                    "exact" if hybrid else "dense")
+    if hot_fraction is not None and not 0.0 <= hot_fraction <= 1.0:
+        raise UserError(f"--hot-fraction must be in [0, 1], got {hot_fraction}")
     tokenizer = load_tokenizer(path)
-    model = load_model(path, device=dev, dtype=parse_dtype(dtype))
+    run_dtype = parse_dtype(dtype)
+    placement = None
+    if mode == "dense":
+        if gpu_memory or hot_fraction is not None:
+            log("note: --gpu-memory / --hot-fraction apply to the hybrid modes; --dense loads the whole model "
+                f"on {dev}")
+        model = load_model(path, device=dev, dtype=run_dtype)
+    else:
+        from hybrid_runtime.hybrid import build_hybrid_model
+        if run_dtype is None and dev.type == "cpu":
+            run_dtype = torch.float32   # torch's CPU matmuls are fastest in fp32; cold rows stay 16-bit
+        hot_counts, placement = plan_hot_counts(path, cfg, dev, ctx, gpu_memory, hot_fraction, cold_format,
+                                                run_dtype)
+        model = build_hybrid_model(path, hot_counts, dev, dtype=run_dtype, mode=mode,
+                                   cold_format=cold_format or _default_cold_format(path))
     model.setup_cache(max_batch=1, max_seq_len=ctx)
-    run_dtype = model.tok_embeddings.weight.dtype
-    return LoadedModel(path, cfg, model, tokenizer, dev, run_dtype, ctx)
+    model_dtype = model.tok_embeddings.weight.dtype
+    decode_step = None
+    if dev.type == "cuda" and cuda_graph and _capturable(model):
+        from hybrid_runtime.cuda_graph import GraphedDecodeStep
+        decode_step = GraphedDecodeStep(model, dev, warmup_pos=ctx - 1)
+    return LoadedModel(path, cfg, model, tokenizer, dev, model_dtype, ctx, mode, decode_step, placement)
+
+
+def _capturable(model: torch.nn.Module) -> bool:
+    """A decode step can be captured when no layer needs the CPU (no cold rows)."""
+    return all(getattr(layer.ffn, "cold", None) is None for layer in model.layers)
+
+
+def _default_cold_format(path: Path) -> str:
+    """Cold rows keep the checkpoint's 16-bit type (no rounding); fp32 checkpoints go to bf16."""
+    stored = str(read_hybrid_meta(path).raw.get("dtype", "bfloat16"))
+    return "fp16" if stored == "float16" else "bf16"
+
+
+def plan_hot_counts(path: Path, cfg: ModelConfig, dev: torch.device, context: int, gpu_memory: str | None,
+                    hot_fraction: float | None, cold_format: str | None, run_dtype: torch.dtype | None):
+    """Hot neurons per layer: from --hot-fraction, else (CUDA) the placement solver under the GPU
+    budget (default: the GPU's free memory), else (CPU) none: every FFN neuron goes through the
+    Numba sparse kernel."""
+    from hybrid_runtime.placement import ModelShape, format_placement, parse_size, solve_placement
+    if hot_fraction is not None:
+        k = int(round(cfg.ffn_dim * hot_fraction))
+        return [k] * cfg.n_layers, None
+    if dev.type != "cuda":
+        if gpu_memory:
+            log("note: --gpu-memory is ignored on --device cpu (no GPU): all FFN neurons run on the CPU")
+        return [0] * cfg.n_layers, None
+    meta = read_hybrid_meta(path)
+    free, _ = torch.cuda.mem_get_info(dev)
+    budget = parse_size(gpu_memory) if gpu_memory else int(free * 0.9)
+    if budget > free:
+        log(f"warning: --gpu-memory {gpu_memory} is more than the GPU's free memory "
+            f"({free / 1024 ** 3:.2f} GiB); using what is free")
+        budget = int(free * 0.95)
+    wbytes = torch.finfo(run_dtype).bits // 8 if run_dtype else \
+        (4 if meta.raw.get("dtype") == "float32" else 2)
+    pred_bytes = meta.predictors_file.stat().st_size // cfg.n_layers if meta.predictors_file else 0
+    pred_bytes = pred_bytes * wbytes // 4  # stored fp32, run in the model dtype
+    cpu_per_neuron = 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2
+    placement = solve_placement(ModelShape.from_config(cfg, weight_bytes=wbytes), meta.frequencies(), budget,
+                                context=context, predictor_bytes=pred_bytes, workspace_bytes=WORKSPACE_BYTES,
+                                cpu_bytes_per_neuron=cpu_per_neuron)
+    log(format_placement(placement))
+    return placement.hot_counts, placement

@@ -70,12 +70,15 @@ def test_exact_mode_equals_dense(packed, hot_fraction):
 class OraclePredictor(torch.nn.Module):
     """Predicts exactly the truly active neurons (from the layer's own full weights)."""
 
-    def __init__(self, gate, up, act, threshold):
-        super().__init__()
-        self.gate, self.up, self.act, self.threshold = gate, up, act, threshold
+    threshold = 0.0  # logits are +1 for active neurons, -1 otherwise
 
-    def predict_active(self, x):
-        return active_mask(x @ self.gate.T, x @ self.up.T, self.act, self.threshold)
+    def __init__(self, gate, up, act, act_threshold):
+        super().__init__()
+        self.gate, self.up, self.act, self.act_threshold = gate, up, act, act_threshold
+
+    def forward(self, x):
+        mask = active_mask(x @ self.gate.T, x @ self.up.T, self.act, self.act_threshold)
+        return mask.float() * 2 - 1
 
 
 def test_oracle_predictor_equals_dense(packed):
