@@ -12,8 +12,8 @@ Storage at rest is 16-bit or 8-bit, never an fp32 copy (a 7B model's cold half m
 consumer PC's RAM); accumulation is fp32.
 - "bf16": bf16 bit patterns in uint16 arrays. Numba has no half type: bf16 -> fp32 is the
   16-bit pattern shifted left by 16 and reinterpreted (an LLVM bitcast intrinsic below).
-- "fp16": fp16 bit patterns in uint16 arrays, widened by integer bit manipulation (normals,
-  subnormals, inf and nan all exact), which LLVM vectorises like the bf16 shift.
+- "fp16": fp16 bit patterns in uint16 arrays, widened by 32-bit integer bit manipulation
+  (normals, subnormals, inf and nan all exact; an LLVM IR intrinsic below) that vectorises.
 - "int8": symmetric per-row quantisation, w ~= q * scale, q in [-127, 127], one fp32 scale per
   row (`quantize_rows_int8`).
 
@@ -24,9 +24,15 @@ a Python thread while the GPU computes the hot neurons.
 
 Threads: the drivers use `numba.get_num_threads()` threads, which `numba.set_num_threads(n)`
 sets *per calling thread* (Numba's setting is thread-local): a runtime that calls the kernels
-from a worker thread must call `numba.set_num_threads` in that worker. Only one thread at a
-time may run Numba parallel kernels under the default `workqueue` threading layer (the one
-worker thread of the runtime does; tbb/omp lift that restriction).
+from a worker thread must call `numba.set_num_threads` in that worker. Numba picks the `omp`
+threading layer where it can (`tbb`, `omp`, then `workqueue`); under `workqueue` only one
+thread at a time may run parallel kernels. A `ColdFFN` owns a workspace: one caller at a time.
+
+Speed (bench/bench_cpu_ffn.py): the decode kernel reads each active neuron's rows once, four
+neurons at a time (four memory streams per thread; one stream per thread stalls at every row
+start and reached half the bandwidth). One core of the 2-core dev VM: bf16 ~18 GB/s of active
+rows (single-core sequential read roof ~31-34 GB/s), fp16 and int8 ~12-13 GB/s; the
+16-core GPU host needs only ~5.4 GB/s per core to reach its 86 GB/s roof.
 
 Entry points:
 - `cold_ffn(cold, x, active, act, threshold)` / `cold_ffn_batch(...)`: validate everything,
@@ -88,40 +94,43 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@intrinsic
-def _bits_from_f32(typingctx, value):
-    """Reinterpret a float32 as its uint32 bit pattern."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(value), codegen
-
-
 @njit(inline="always")
 def _bf16_to_f32(h):
     return _f32_from_bits(np.uint32(h) << np.uint32(16))
 
 
-@njit(inline="always")
-def _fp16_to_f32(h):
+@intrinsic
+def _fp16_to_f32(typingctx, bits):
     """IEEE half bits -> float32, exact for normals, subnormals, +-0, inf and nan (payload kept).
 
-    Integer-only except for subnormals (m * 2^-24 is exact in fp32), so `fastmath` cannot change
-    the result; branches become selects and the loops using this vectorise.
+    Written in LLVM IR so every step stays 32-bit (Numba would widen integer arithmetic to
+    64 bits, which vectorises 3x slower): normals rebias the exponent (15 -> 127), inf/nan set
+    it to all ones, subnormals are m * 2^-24 (exact in fp32); the branches are selects.
     """
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    em = h & np.uint32(0x7FFF)                       # exponent and mantissa
-    if em >= np.uint32(0x7C00):                      # inf / nan: exponent all ones
-        bits = sign | np.uint32(0x7F800000) | ((em & np.uint32(0x3FF)) << np.uint32(13))
-    elif em >= np.uint32(0x0400):                    # normal: rebias the exponent 15 -> 127
-        bits = sign | ((em << np.uint32(13)) + np.uint32(0x38000000))
-    else:                                            # subnormal or zero: m * 2^-24
-        bits = sign | _bits_from_f32(np.float32(em) * np.float32(5.9604644775390625e-08))
-    return _f32_from_bits(bits)
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def c(n):
+            return ir.Constant(i32, n)
+
+        v = args[0]
+        if v.type.width > 16:
+            v = builder.trunc(v, ir.IntType(16))
+        h = builder.zext(v, i32)
+        em = builder.and_(h, c(0x7FFF))                          # exponent and mantissa
+        sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
+        shifted = builder.shl(em, c(13))
+        normal = builder.add(shifted, c(0x38000000))             # exponent + (127 - 15)
+        infnan = builder.add(shifted, c(0x70000000))             # exponent 31 -> 255
+        out = builder.select(builder.icmp_unsigned(">=", em, c(0x7C00)), infnan, normal)
+        sub = builder.fmul(builder.sitofp(em, ir.FloatType()), ir.Constant(ir.FloatType(), 2.0 ** -24))
+        out = builder.select(builder.icmp_unsigned("<", em, c(0x0400)), builder.bitcast(sub, i32), out)
+        return builder.bitcast(builder.or_(out, sign), ir.FloatType())
+
+    return types.float32(bits), codegen
 
 
 # ----------------------------------------------------------------------------- per-row helpers
@@ -133,48 +142,96 @@ def _row_scale(scales, r, fmt):
     return np.float32(1.0)
 
 
+@njit(inline="always")
+def _w(w, j, fmt):
+    """Element j of a stored row as fp32 (unscaled). `fmt` is loop-invariant: LLVM unswitches the
+    loops that call this into one vectorised loop per format."""
+    if fmt == FMT_BF16:
+        return _bf16_to_f32(w[j])
+    if fmt == FMT_FP16:
+        return _fp16_to_f32(w[j])
+    return np.float32(w[j])
+
+
 @njit
 def _dot_row(w, fmt, x):
     """w . x for one stored row w (d,) (unscaled for int8); fp32 accumulation."""
     acc = np.float32(0.0)
-    if fmt == FMT_BF16:
-        for j in range(x.shape[0]):
-            acc += _bf16_to_f32(w[j]) * x[j]
-    elif fmt == FMT_FP16:
-        for j in range(x.shape[0]):
-            acc += _fp16_to_f32(w[j]) * x[j]
-    else:
-        for j in range(x.shape[0]):
-            acc += np.float32(w[j]) * x[j]
+    for j in range(x.shape[0]):
+        acc += _w(w, j, fmt) * x[j]
     return acc
+
+
+@njit
+def _dot_row4(w0, w1, w2, w3, fmt, x):
+    """Four rows dotted with x in one pass: four memory streams in flight instead of one
+    (a single row's stream stalls at every row and page start; measured ~2x the bandwidth)."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for j in range(x.shape[0]):
+        xj = x[j]
+        a0 += _w(w0, j, fmt) * xj
+        a1 += _w(w1, j, fmt) * xj
+        a2 += _w(w2, j, fmt) * xj
+        a3 += _w(w3, j, fmt) * xj
+    return a0, a1, a2, a3
 
 
 @njit
 def _axpy_row(a, w, fmt, out):
     """out += a * w for one stored row w (a already includes the int8 scale)."""
-    if fmt == FMT_BF16:
-        for j in range(out.shape[0]):
-            out[j] += a * _bf16_to_f32(w[j])
-    elif fmt == FMT_FP16:
-        for j in range(out.shape[0]):
-            out[j] += a * _fp16_to_f32(w[j])
-    else:
-        for j in range(out.shape[0]):
-            out[j] += a * np.float32(w[j])
+    for j in range(out.shape[0]):
+        out[j] += a * _w(w, j, fmt)
+
+
+@njit
+def _axpy_row4(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out):
+    """out += sum_k a_k * w_k over four rows: four streams, one read-modify-write of out."""
+    for j in range(out.shape[0]):
+        out[j] += (a0 * _w(w0, j, fmt) + a1 * _w(w1, j, fmt)) + (a2 * _w(w2, j, fmt) + a3 * _w(w3, j, fmt))
 
 
 @njit
 def _decode_row(w, fmt, scale, out):
-    """out = w as fp32 (times scale: 1 for the 16-bit formats)."""
-    if fmt == FMT_BF16:
+    """out = w as fp32 (int8: times its row scale)."""
+    if fmt == FMT_INT8:
         for j in range(out.shape[0]):
-            out[j] = _bf16_to_f32(w[j])
-    elif fmt == FMT_FP16:
+            out[j] = _w(w, j, fmt) * scale
+    else:                                      # bit-exact, nan payloads included
         for j in range(out.shape[0]):
-            out[j] = _fp16_to_f32(w[j])
-    else:
-        for j in range(out.shape[0]):
-            out[j] = np.float32(w[j]) * scale
+            out[j] = _w(w, j, fmt)
+
+
+@njit
+def _dot_rows(w, scales, fmt, rows, x, out):
+    """out[i] = (w[rows[i]] . x) * scale[rows[i]], four rows at a time."""
+    n = rows.shape[0]
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
+        out[i], out[i + 1], out[i + 2], out[i + 3] = _dot_row4(
+            w[rows[i]], w[rows[i + 1]], w[rows[i + 2]], w[rows[i + 3]], fmt, x)
+    for i in range(n4, n):
+        out[i] = _dot_row(w[rows[i]], fmt, x)
+    if fmt == FMT_INT8:
+        for i in range(n):
+            out[i] *= scales[rows[i]]
+
+
+@njit
+def _axpy_rows(w, scales, fmt, rows, a, out):
+    """out += sum_i a[i] * scale[rows[i]] * w[rows[i]], four rows at a time."""
+    n = rows.shape[0]
+    if fmt == FMT_INT8:
+        for i in range(n):
+            a[i] *= scales[rows[i]]
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
+        _axpy_row4(a[i], w[rows[i]], a[i + 1], w[rows[i + 1]], a[i + 2], w[rows[i + 2]],
+                   a[i + 3], w[rows[i + 3]], fmt, out)
+    for i in range(n4, n):
+        _axpy_row(a[i], w[rows[i]], fmt, out)
 
 
 @njit(inline="always")
@@ -196,12 +253,34 @@ def _combine(ga, u, act):
 
 
 @njit
-def _neuron_act(gate_row, up_row, gate_scale, up_scale, fmt, x, act, threshold):
-    """One neuron's activation a for token x; reads the up row only if the gate fires."""
-    ga = _gate_act(_dot_row(gate_row, fmt, x) * gate_scale, act, threshold)
-    if ga == 0:
-        return np.float32(0.0)
-    return _combine(ga, _dot_row(up_row, fmt, x) * up_scale, act)
+def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, rows, act, threshold, out):
+    """out += FFN of token x over the neurons `rows` (one chunk of the active list).
+
+    Three passes, each over four rows at a time: gate rows of all `rows`; up rows of the neurons
+    whose gate fired; down rows of the neurons with a non-zero activation. A non-firing neuron
+    costs its gate row only.
+    """
+    n = rows.shape[0]
+    a = np.empty(n, np.float32)
+    live = np.empty(n, np.int64)
+    _dot_rows(gate, gate_scale, fmt, rows, x, a)
+    n_live = 0
+    for i in range(n):                               # compact in place: n_live <= i
+        ga = _gate_act(a[i], act, threshold)
+        if ga != 0:
+            live[n_live] = rows[i]
+            a[n_live] = ga
+            n_live += 1
+    u = np.empty(n_live, np.float32)
+    _dot_rows(up, up_scale, fmt, live[:n_live], x, u)
+    n_out = 0
+    for i in range(n_live):
+        ai = _combine(a[i], u[i], act)
+        if ai != 0:
+            live[n_out] = live[i]
+            a[n_out] = ai
+            n_out += 1
+    _axpy_rows(down, down_scale, fmt, live[:n_out], a[:n_out], out)
 
 
 @njit(fastmath=True, cache=True)
@@ -234,23 +313,176 @@ def cold_ffn_decode_kernel(gate, up, down, gate_scale, up_scale, down_scale, fmt
     for c in prange(n_used):
         buf = partial[c]
         buf[:] = 0.0
-        for i in range(c * rows_per_chunk, min(n_active, (c + 1) * rows_per_chunk)):
-            r = active[i]
-            a = _neuron_act(gate[r], up[r], _row_scale(gate_scale, r, fmt),
-                            _row_scale(up_scale, r, fmt), fmt, x, act, threshold)
-            if a != 0:
-                _axpy_row(a * _row_scale(down_scale, r, fmt), down[r], fmt, buf)
+        _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x,
+                         active[c * rows_per_chunk:min(n_active, (c + 1) * rows_per_chunk)],
+                         act, threshold, buf)
     # merge the per-chunk partial sums, parallel over column blocks of y
     block = 256
     for b in prange((d + block - 1) // block):
-        for j in range(b * block, min(d, (b + 1) * block)):
-            s = np.float32(0.0)
-            for c in range(n_used):
-                s += partial[c, j]
-            y[j] = s
+        j0 = b * block
+        j1 = min(d, j0 + block)
+        yb = y[j0:j1]
+        yb[:] = 0.0
+        for c in range(n_used):
+            _add_into(yb, partial[c, j0:j1])
 
 
-_GROUP = 8  # rows decoded to fp32 together in the batch kernel: each token is read once per group
+@njit
+def _dot4_f32(rows, x, t):
+    """rows[0..3] . x[t] for fp32 rows decoded from storage."""
+    a0 = np.float32(0.0)
+    a1 = np.float32(0.0)
+    a2 = np.float32(0.0)
+    a3 = np.float32(0.0)
+    for j in range(x.shape[1]):
+        xj = x[t, j]
+        a0 += rows[0, j] * xj
+        a1 += rows[1, j] * xj
+        a2 += rows[2, j] * xj
+        a3 += rows[3, j] * xj
+    return a0, a1, a2, a3
+
+
+@njit
+def _dot4x4_f32(rows, x, t, out):
+    """out[k, s] = rows[k] . x[t + s] for k, s < 4: a 4x4 register tile (16 accumulators, 8 loads
+    per 16 FMAs; ~2.5x the FLOP rate of one token at a time)."""
+    a00 = a01 = a02 = a03 = np.float32(0.0)
+    a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = np.float32(0.0)
+    a30 = a31 = a32 = a33 = np.float32(0.0)
+    for j in range(x.shape[1]):
+        x0 = x[t, j]
+        x1 = x[t + 1, j]
+        x2 = x[t + 2, j]
+        x3 = x[t + 3, j]
+        r = rows[0, j]
+        a00 += r * x0
+        a01 += r * x1
+        a02 += r * x2
+        a03 += r * x3
+        r = rows[1, j]
+        a10 += r * x0
+        a11 += r * x1
+        a12 += r * x2
+        a13 += r * x3
+        r = rows[2, j]
+        a20 += r * x0
+        a21 += r * x1
+        a22 += r * x2
+        a23 += r * x3
+        r = rows[3, j]
+        a30 += r * x0
+        a31 += r * x1
+        a32 += r * x2
+        a33 += r * x3
+    out[0, 0], out[0, 1], out[0, 2], out[0, 3] = a00, a01, a02, a03
+    out[1, 0], out[1, 1], out[1, 2], out[1, 3] = a10, a11, a12, a13
+    out[2, 0], out[2, 1], out[2, 2], out[2, 3] = a20, a21, a22, a23
+    out[3, 0], out[3, 1], out[3, 2], out[3, 3] = a30, a31, a32, a33
+
+
+@njit
+def _rows_times_tokens(rows, x, out):
+    """out[k, t] = rows[k] . x[t] for the 4 rows and all T tokens (4x4 tiles, then a 4x1 tail)."""
+    T = x.shape[0]
+    tile = np.empty((4, 4), np.float32)
+    T4 = T - T % 4
+    for t in range(0, T4, 4):
+        _dot4x4_f32(rows, x, t, tile)
+        out[:, t:t + 4] = tile
+    for t in range(T4, T):
+        out[0, t], out[1, t], out[2, t], out[3, t] = _dot4_f32(rows, x, t)
+
+
+@njit
+def _axpy4x4_f32(a, seg, y, t):
+    """y[t + s] += sum_k a[k, s] * seg[k] for s < 4: each seg element loaded once for 4 tokens."""
+    a00, a01, a02, a03 = a[0, 0], a[0, 1], a[0, 2], a[0, 3]
+    a10, a11, a12, a13 = a[1, 0], a[1, 1], a[1, 2], a[1, 3]
+    a20, a21, a22, a23 = a[2, 0], a[2, 1], a[2, 2], a[2, 3]
+    a30, a31, a32, a33 = a[3, 0], a[3, 1], a[3, 2], a[3, 3]
+    for j in range(y.shape[1]):
+        s0 = seg[0, j]
+        s1 = seg[1, j]
+        s2 = seg[2, j]
+        s3 = seg[3, j]
+        y[t, j] += (a00 * s0 + a10 * s1) + (a20 * s2 + a30 * s3)
+        y[t + 1, j] += (a01 * s0 + a11 * s1) + (a21 * s2 + a31 * s3)
+        y[t + 2, j] += (a02 * s0 + a12 * s1) + (a22 * s2 + a32 * s3)
+        y[t + 3, j] += (a03 * s0 + a13 * s1) + (a23 * s2 + a33 * s3)
+
+
+@njit
+def _axpy4_f32(a, seg, y, t):
+    """y[t] += sum_k a[k, t] * seg[k]."""
+    a0, a1, a2, a3 = a[0, t], a[1, t], a[2, t], a[3, t]
+    for j in range(y.shape[1]):
+        y[t, j] += (a0 * seg[0, j] + a1 * seg[1, j]) + (a2 * seg[2, j] + a3 * seg[3, j])
+
+
+@njit
+def _batch_acts(gate, up, gate_scale, up_scale, fmt, x, active, lo, hi, act, threshold, acts):
+    """acts[i, t] = a of neuron active[i] for token t, for i in [lo, hi): four rows at a time,
+    decoded to fp32 once and dotted with every token; up rows only of neurons firing somewhere."""
+    T, d = x.shape
+    rows = np.zeros((4, d), np.float32)              # rows past the chunk's end stay zero
+    dots = np.empty((4, T), np.float32)
+    for i0 in range(lo, hi, 4):
+        n = min(4, hi - i0)
+        for k in range(n):
+            r = active[i0 + k]
+            _decode_row(gate[r], fmt, _row_scale(gate_scale, r, fmt), rows[k])
+        if n < 4:
+            rows[n:] = 0.0
+        _rows_times_tokens(rows, x, dots)
+        any_fire = False
+        for k in range(n):
+            fires = False
+            for t in range(T):
+                ga = _gate_act(dots[k, t], act, threshold)
+                acts[i0 + k, t] = ga
+                fires |= ga != 0
+            if fires:
+                r = active[i0 + k]
+                _decode_row(up[r], fmt, _row_scale(up_scale, r, fmt), rows[k])
+                any_fire = True
+            else:
+                rows[k] = 0.0
+        if not any_fire:
+            continue
+        _rows_times_tokens(rows, x, dots)
+        for k in range(n):
+            for t in range(T):
+                ga = acts[i0 + k, t]
+                if ga != 0:
+                    acts[i0 + k, t] = _combine(ga, dots[k, t], act)
+
+
+@njit
+def _batch_down_block(down, down_scale, fmt, active, live, acts, j0, j1, y):
+    """y[:, j0:j1] = sum over neurons `live` (indices into active) of acts[i, t] * down[active[i], j0:j1]."""
+    T = acts.shape[1]
+    T4 = T - T % 4
+    yblk = np.zeros((T, j1 - j0), np.float32)
+    seg = np.zeros((4, j1 - j0), np.float32)
+    a = np.zeros((4, T), np.float32)                 # rows past the end stay zero
+    n_live = live.shape[0]
+    for g0 in range(0, n_live, 4):
+        n = min(4, n_live - g0)
+        for k in range(n):
+            i = live[g0 + k]
+            r = active[i]
+            _decode_row(down[r, j0:j1], fmt, _row_scale(down_scale, r, fmt), seg[k])
+            a[k] = acts[i]
+        if n < 4:
+            seg[n:] = 0.0
+            a[n:] = 0.0
+        for t in range(0, T4, 4):
+            _axpy4x4_f32(a[:, t:t + 4], seg, yblk, t)
+        for t in range(T4, T):
+            _axpy4_f32(a, seg, yblk, t)
+    y[:, j0:j1] = yblk
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
@@ -260,89 +492,63 @@ def cold_ffn_batch_kernel(gate, up, down, gate_scale, up_scale, down_scale, fmt,
 
     x (T, d) fp32; a_{t,r} is zero where token t's gate does not fire; y (T, d) overwritten;
     n_threads: numba.get_num_threads() of the caller (phase 1 splits the active rows in as many chunks).
-    Phase 1, parallel over chunks of active rows: decode a group of gate rows to fp32, dot them
-    with every token, then the up rows of the neurons that fire for some token. Phase 2, parallel
-    over column blocks of y (no per-thread buffers needed: each block is owned by one thread):
-    decode the down rows' block and accumulate the non-zero activations.
+    Phase 1, parallel over chunks of active rows: every token's activation of every neuron
+    (`_batch_acts`). Phase 2, parallel over column blocks of y (each block owned by one thread:
+    no per-thread buffers): the down rows' block times the non-zero activations.
+    Each stored row is read once whatever T is; the work is T dot products per row.
     """
     T, d = x.shape
     n_active = active.shape[0]
-    acts = np.zeros((n_active, T), np.float32)     # a_{t,r}, row-major per neuron
-    fires = np.zeros(n_active, np.uint8)           # neuron fires for at least one token
+    acts = np.zeros((n_active, T), np.float32)      # a_{t,r} per neuron
     n_chunks = min(n_active, n_threads)
     rows_per_chunk = (n_active + n_chunks - 1) // n_chunks if n_chunks > 0 else 0
     for c in prange(n_chunks):
-        rows = np.empty((_GROUP, d), np.float32)
-        stop = min(n_active, (c + 1) * rows_per_chunk)
-        for i0 in range(c * rows_per_chunk, stop, _GROUP):
-            n = min(_GROUP, stop - i0)
-            for k in range(n):
-                r = active[i0 + k]
-                _decode_row(gate[r], fmt, _row_scale(gate_scale, r, fmt), rows[k])
-            for t in range(T):
-                xt = x[t]
-                for k in range(n):
-                    ga = _gate_act(_dot_f32(rows[k], xt), act, threshold)
-                    acts[i0 + k, t] = ga
-                    if ga != 0:
-                        fires[i0 + k] = 1
-            for k in range(n):
-                if fires[i0 + k]:
-                    r = active[i0 + k]
-                    _decode_row(up[r], fmt, _row_scale(up_scale, r, fmt), rows[k])
-            for t in range(T):
-                xt = x[t]
-                for k in range(n):
-                    ga = acts[i0 + k, t]
-                    if ga != 0:
-                        acts[i0 + k, t] = _combine(ga, _dot_f32(rows[k], xt), act)
+        _batch_acts(gate, up, gate_scale, up_scale, fmt, x, active, c * rows_per_chunk,
+                    min(n_active, (c + 1) * rows_per_chunk), act, threshold, acts)
+    live = np.empty(n_active, np.int64)             # neurons with a non-zero a for some token
+    n_live = 0
+    for i in range(n_active):
+        for t in range(T):
+            if acts[i, t] != 0:
+                live[n_live] = i
+                n_live += 1
+                break
     block = 256
     for b in prange((d + block - 1) // block):
-        j0 = b * block
-        j1 = min(d, j0 + block)
-        seg = np.empty(j1 - j0, np.float32)
-        for t in range(T):
-            y[t, j0:j1] = 0.0
-        for i in range(n_active):
-            if not fires[i]:
-                continue
-            r = active[i]
-            _decode_row(down[r, j0:j1], fmt, _row_scale(down_scale, r, fmt), seg)
-            for t in range(T):
-                a = acts[i, t]
-                if a != 0:
-                    yt = y[t]
-                    for j in range(j1 - j0):
-                        yt[j0 + j] += a * seg[j]
+        _batch_down_block(down, down_scale, fmt, active, live[:n_live], acts,
+                          b * block, min(d, (b + 1) * block), y)
 
 
-@njit(inline="always")
-def _dot_f32(a, b):
-    acc = np.float32(0.0)
-    for j in range(a.shape[0]):
-        acc += a[j] * b[j]
-    return acc
+@njit
+def _add_into(out, a):
+    for j in range(out.shape[0]):  # loops from 0 on views: no negative-index wraparound, vectorises
+        out[j] += a[j]
 
 
 # ----------------------------------------------------------------------------- storage
 
 def _half_bits(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A CPU tensor as contiguous `dtype` bit patterns in a uint16 numpy array (no copy if already so)."""
-    t = t.detach().to("cpu")
-    if t.dtype != dtype:
-        if dtype == torch.float16:
-            _check_fits_fp16(t)
-        t = t.to(dtype)
-    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    """A (n, d) tensor as `dtype` bit patterns in a new numpy uint16 array, converted in row chunks.
 
-
-def _check_fits_fp16(t: torch.Tensor) -> None:
+    Always a fresh numpy allocation: it holds exactly these rows (a view would keep the whole
+    source tensor, hot rows included, alive) and numpy asks the kernel for huge pages on large
+    arrays (fewer TLB misses when the kernels jump between rows).
+    """
+    t = t.detach()
+    out = np.empty(tuple(t.shape), np.uint16)
     for i in range(0, t.shape[0], _QUANT_CHUNK_ROWS):
-        chunk = t[i:i + _QUANT_CHUNK_ROWS]
-        if not torch.isfinite(chunk).all():
-            raise UserError("cold FFN weights contain inf/nan; refusing to store them")
-        if chunk.abs().amax() > 65504.0:
-            raise UserError("cold FFN weights exceed the fp16 range (65504): store them as bf16 or int8")
+        chunk = t[i:i + _QUANT_CHUNK_ROWS].to("cpu")
+        if dtype == torch.float16 and chunk.dtype != torch.float16:
+            _check_fits_fp16(chunk)
+        out[i:i + len(chunk)] = chunk.to(dtype).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return out
+
+
+def _check_fits_fp16(chunk: torch.Tensor) -> None:
+    if not torch.isfinite(chunk).all():
+        raise UserError("cold FFN weights contain inf/nan; refusing to store them")
+    if chunk.numel() and chunk.abs().amax() > 65504.0:
+        raise UserError("cold FFN weights exceed the fp16 range (65504): store them as bf16 or int8")
 
 
 def quantize_rows_int8(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -403,8 +609,8 @@ class ColdRows:
                    fmt: str | None = None) -> "ColdRows":
         """Build from (n_cold, d) tensors (fp32/fp16/bf16; `down` already neuron-major).
 
-        fmt None keeps a bf16/fp16 source as is (bf16 for fp32). When the tensors already have the
-        chosen 16-bit dtype and are contiguous the arrays share their memory (no copy).
+        fmt None keeps a bf16/fp16 source's format (bf16 for fp32). The rows are always copied into
+        new numpy arrays (in row chunks: no full-size temporary, never an fp32 copy of the layer).
         """
         if not (gate.shape == up.shape == down.shape and gate.dim() == 2):
             raise UserError(f"cold rows: gate/up/down must be equal (n_cold, d) shapes, got "
