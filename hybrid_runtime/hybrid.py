@@ -34,6 +34,12 @@ class CpuStaging:
         sel = None if cold_selected is None else cold_selected.numpy()
         return x.float().contiguous().numpy(), sel
 
+    def wait(self) -> None:
+        pass
+
+    def host_out(self, n: int, dim: int) -> np.ndarray:
+        return np.empty((n, dim), np.float32)
+
     def to_device(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(y).to(like.dtype)
 
@@ -49,22 +55,29 @@ class CudaStaging:
         self.x = torch.empty(max_tokens, dim, dtype=torch.float32, pin_memory=True)
         self.sel = torch.empty(max(max_cold, 1), dtype=torch.bool, pin_memory=True)
         self.y = torch.empty(max_tokens, dim, dtype=torch.float32, pin_memory=True)
+        self.y_np = self.y.numpy()
         self.ready = torch.cuda.Event()
 
     def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
         n = x.shape[0]
-        self.x[:n].copy_(x, non_blocking=True)
+        self.x[:n].copy_(x.float(), non_blocking=True)
+        sel = None
         if cold_selected is not None:
-            self.sel[:cold_selected.shape[0]].copy_(cold_selected, non_blocking=True)
+            m = cold_selected.shape[0]
+            self.sel[:m].copy_(cold_selected, non_blocking=True)
+            sel = self.sel[:m].numpy()
         self.ready.record()
-        return self.x[:n].numpy(), (None if cold_selected is None else self.sel[:cold_selected.shape[0]].numpy())
+        return self.x[:n].numpy(), sel
 
     def wait(self) -> None:
         self.ready.synchronize()  # deliberate sync: the CPU half needs x (the one per-layer round trip)
 
+    def host_out(self, n: int, dim: int) -> np.ndarray:
+        return self.y_np[:n]
+
     def to_device(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        n = y.shape[0]
-        return self.y[:n].to(self.device, non_blocking=True).to(like.dtype)
+        # y is a view of the pinned buffer (host_out): an asynchronous copy
+        return self.y[:y.shape[0]].to(self.device, non_blocking=True).to(like.dtype)
 
 
 class HybridFFN(nn.Module):
@@ -103,7 +116,7 @@ class HybridFFN(nn.Module):
 
     def cold_ffn(self, x_host: np.ndarray, cold_sel: np.ndarray | None) -> np.ndarray:
         active = self.all_cold if cold_sel is None else np.flatnonzero(cold_sel).astype(np.int32)
-        y = np.empty_like(x_host)
+        y = self.staging.host_out(*x_host.shape)
         if x_host.shape[0] == 1:
             self.cold.decode(x_host[0], active, y[0])
         else:
@@ -118,7 +131,7 @@ class HybridFFN(nn.Module):
             return self.hot_ffn(x, hot_logits).view(B, T, d)
         x_host, sel_host = self.staging.to_host(x, cold_sel)    # queued: D2H copy of x (+ selection)
         y = self.hot_ffn(x, hot_logits)                         # queued: GPU hot half
-        getattr(self.staging, "wait", lambda: None)()
+        self.staging.wait()
         y_cold = self.cold_ffn(x_host, sel_host)                # CPU half, while the GPU works
         return (y + self.staging.to_device(y_cold, y)).view(B, T, d)
 

@@ -181,6 +181,18 @@ def _check_2d(t: torch.Tensor, name: str, what: str) -> None:
         raise ValueError(f"{name}: expected {what}, got shape {tuple(t.shape)}")
 
 
+def _check_weights(d: int, **weights: torch.Tensor) -> None:
+    """(f, d) neuron-major weights of one layer, checked here before the binding sees them (the
+    binding checks again; a bad width reaching it was seen to crash the process on the H100)."""
+    rows = None
+    for name, w in weights.items():
+        if w.dim() != 2 or w.shape[1] != d:
+            raise ValueError(f"{name}: expected (f, {d}) neuron-major weights, got shape {tuple(w.shape)}")
+        if rows is not None and w.shape[0] != rows:
+            raise ValueError(f"{name}: {w.shape[0]} rows, the other weights have {rows}")
+        rows = w.shape[0]
+
+
 # ---------------------------------------------------------------- torch references
 # Plain torch, fp32 arithmetic, no host syncs (usable inside a CUDA graph). They define what
 # the kernels compute; tests compare both against float64.
@@ -316,6 +328,7 @@ def sparse_gate_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, idx: t
     """
     _check_act(act, threshold)
     _check_2d(x, "x", "(B, d)")
+    _check_weights(x.shape[1], gate=gate, up=up)
     a = _activations_out(x, gate.shape[0], out)
     ext = _ext_for(x, gate, up, idx, count, a)
     if ext is not None:
@@ -332,6 +345,7 @@ def sparse_up_given_gate(x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, idx
     _check_act(act, threshold)
     _check_2d(x, "x", "(B, d)")
     _check_2d(g, "g", "(B, f)")
+    _check_weights(x.shape[1], up=up)
     a = _activations_out(x, up.shape[0], out)
     ext = _ext_for(x, g, up, idx, count, a)
     if ext is not None:
@@ -347,6 +361,7 @@ def dense_gate_sparse_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, 
     fused ReLU + sparse-up operator of the exact (no predictor) mode."""
     _check_act(act, threshold)
     _check_2d(x, "x", "(B, d)")
+    _check_weights(x.shape[1], gate=gate, up=up)
     a = _activations_out(x, gate.shape[0], out)
     ext = _ext_for(x, gate, up, a)
     if ext is not None:
@@ -363,6 +378,8 @@ def sparse_down(a: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, count: t
     y is written in full (zeros when count is 0), in out_dtype (down's dtype or float32).
     """
     _check_2d(a, "a", "(B, f)")
+    if down.dim() != 2 or down.shape[0] != a.shape[1]:
+        raise ValueError(f"down: expected ({a.shape[1]}, d) neuron-major rows, got shape {tuple(down.shape)}")
     if out is None:
         dtype = out_dtype or down.dtype
         out = torch.empty(a.shape[0], down.shape[1], dtype=dtype, device=a.device)
