@@ -26,7 +26,7 @@ setup(
     version="0.1.0",
     description="Hybrid CPU-GPU inference runtime for activation-sparse LLaMA-family LLMs",
     python_requires=">=3.10",
-    packages=find_packages(include=["hybrid_runtime*", "predictors*", "convert*"]),
+    packages=find_packages(include=["hybrid_runtime*", "predictors*", "convert*", "bench*"]),
     install_requires=[
         # A torch already installed (CPU or CUDA build, >= 2.5) satisfies this; pip does not replace it.
         "torch>=2.5",

@@ -174,6 +174,14 @@ def info(model, as_json, **_unused):
             click.echo(f"{key}: {value}")
 
 
+def _register_bench() -> None:
+    from bench.cli_bench import bench
+    main_group.add_command(bench)
+
+
+_register_bench()
+
+
 def main() -> None:
     console_main(main_group)
 

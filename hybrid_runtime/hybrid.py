@@ -58,7 +58,8 @@ class CudaStaging:
         self.y_np = self.y.numpy()
         self.ready = torch.cuda.Event()
 
-    def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
+    def copy_to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
+        """Queue the D2H copies (capturable in a CUDA graph); returns host views of the buffers."""
         n = x.shape[0]
         self.x[:n].copy_(x.float(), non_blocking=True)
         sel = None
@@ -66,8 +67,12 @@ class CudaStaging:
             m = cold_selected.shape[0]
             self.sel[:m].copy_(cold_selected, non_blocking=True)
             sel = self.sel[:m].numpy()
-        self.ready.record()
         return self.x[:n].numpy(), sel
+
+    def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
+        views = self.copy_to_host(x, cold_selected)
+        self.ready.record()
+        return views
 
     def wait(self) -> None:
         self.ready.synchronize()  # deliberate sync: the CPU half needs x (the one per-layer round trip)

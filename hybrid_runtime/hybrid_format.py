@@ -93,18 +93,22 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
     (original neuron order) and optionally a `predictors.model.PredictorSet` (original order)."""
     from safetensors.torch import save_file
 
-    from hybrid_runtime.loading import load_model, read_config
+    from hybrid_runtime.loading import checkpoint_dtype, checkpoint_files, load_model, read_config
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     hf_cfg = read_config(source_dir)
-    model = load_model(source_dir, device="cpu")
+    # Keep the checkpoint's own dtype, bit for bit. load_model runs float16 as bfloat16 on the CPU
+    # (a lossy cast), so float16 goes through float32 (exact) and is cast back below.
+    src_dtype = checkpoint_dtype(checkpoint_files(source_dir))
+    model = load_model(source_dir, device="cpu",
+                       dtype=torch.float32 if src_dtype == torch.float16 else src_dtype)
     cfg = model.config
     if cfg.act == "silu":
         raise UserError(f"{source_dir}: the model uses SiLU (no exact zeros); convert it with "
                         "`hybrid-convert prosparse` first")
     if len(frequencies) != cfg.n_layers:
         raise UserError(f"profile has {len(frequencies)} layers but the model has {cfg.n_layers}")
-    state = {n: t for n, t in model.state_dict().items()}
+    state = {n: t.to(src_dtype) if t.is_floating_point() else t for n, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     stats: dict[str, torch.Tensor] = {}
@@ -135,7 +139,7 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
         "source_model": str(source_dir), "architecture": cfg.architecture,
         "activation": cfg.act, "threshold": cfg.act_threshold,
         "n_layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
-        "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
+        "dtype": str(src_dtype).replace("torch.", ""),
         "weights": "model.safetensors", "neuron_stats": "neuron_stats.safetensors",
         "predictors": "predictors.safetensors" if predictors is not None else None,
         "predictor_input": getattr(predictors, "input_kind", None),

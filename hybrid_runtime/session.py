@@ -127,6 +127,13 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if dev.type == "cuda" and cuda_graph and _capturable(model):
         from hybrid_runtime.cuda_graph import GraphedDecodeStep
         decode_step = GraphedDecodeStep(model, dev, warmup_pos=ctx - 1)
+    elif dev.type == "cuda" and cuda_graph:  # hybrid with cold rows: per-layer graphs around the CPU half
+        from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep
+        try:
+            decode_step = HybridGraphedDecodeStep(model, dev, warmup_pos=ctx - 1)
+        except RuntimeError as e:
+            log(f"note: CUDA graph capture of the hybrid decode step failed ({str(e).splitlines()[0]}); "
+                "decoding eagerly (slower). Please report this.")
     return LoadedModel(path, cfg, model, tokenizer, dev, model_dtype, ctx, mode, decode_step, placement)
 
 

@@ -1,0 +1,1552 @@
+"""One command, every system, one table: the hybrid runtime against dense baselines.
+
+    python -m bench.run_bench --out $OUT                  # GPU machine: synthetic 7B, every GPU system
+    python -m bench.run_bench --model synthetic-tiny      # CPU smoke run (what CI does, smaller still)
+    hybrid-run bench ...                                  # the same command (bench/cli_bench.py)
+
+Every system runs on the same model (weights, prompt, machine) in one process, one after the
+other; each is loaded, warmed up (a short generation: compilation, graph capture, caches), then
+timed on `runs` generations of `new_tokens` greedy tokens from a `prompt_tokens` prompt (batch 1;
+EOS is ignored so every run generates exactly that many tokens). The table reports medians.
+
+Systems (`--systems`, comma list; `auto`: the GPU set with CUDA, the CPU set without):
+  dense-gpu      this engine, dense, whole model on the GPU, decode step replayed as a CUDA graph
+  hybrid         hybrid runtime under --gpu-memory (predictor mode; placement solver, Numba cold rows)
+  dense-offload  this engine, dense, layer offload under --gpu-memory: first N layers on the GPU, the
+                 rest on the CPU (llama.cpp's -ngl), CPU layers in the fastest dense CPU dtype measured
+  hybrid-gpu     hybrid runtime with every neuron on the GPU (predictor mode, sparse kernels if built)
+  hf-gpu         transformers generate(), whole model on the GPU
+  hf-offload     transformers + accelerate, device_map="auto", max_memory={GPU: --gpu-memory}
+  llamacpp-gpu / llamacpp-offload   llama.cpp (llama-cpp-python) when importable, else skipped
+  dense-cpu, hybrid-cpu, hf-cpu     the CPU-only counterparts (the default without CUDA)
+
+Physical limits: the bandwidths are measured in the same run (GPU device-to-device copy counting
+bytes read + written; CPU multi-threaded read of a buffer larger than the last-level cache;
+pinned host<->device copies). Per system, the bytes one decode token must read on each side
+(weights; KV cache at the mean position; for the hybrid the predicted-active rows: a predicted
+neuron costs its gate row, and its up and down rows when it fires, estimated with the
+predictors' measured precision) divided by those bandwidths give the fastest possible ms/token;
+"achieved" is measured / limit. Hybrid per layer: attention, predictor and lm_head on the GPU in
+sequence, the hot and cold FFN halves overlapped (max of the two).
+
+Time budget: the script prints timestamped progress, writes the results after every system
+(a timeout still leaves them in --out), and skips or shortens (fewer runs) what no longer fits in
+--time-budget-s, saying so in the table's notes.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hybrid_runtime.errors import UserError  # noqa: E402
+
+GiB = 1024 ** 3
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WORK = Path(os.environ.get("HYBRID_RUNTIME_CACHE", Path.home() / ".cache" / "hybrid-runtime")) / "bench"
+SYNTHETIC_PREFIX = "synthetic-"
+PROMPT_TEXT = ("The history of computing is a story of trade-offs between memory and speed. Early machines "
+               "kept their programs on punched cards and their data on magnetic drums; every generation since "
+               "has added a faster, smaller layer of memory closer to the processor. Large language models "
+               "turned this old problem around: their weights are far larger than the fast memory of a "
+               "consumer graphics card, yet most of those weights are not needed for any given word. ")
+
+# --------------------------------------------------------------------------------------- systems
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    description: str
+    needs_cuda: bool
+    budgeted: bool          # runs under --gpu-memory
+    baseline: bool          # a column of the speedup table
+    needs_hybrid: bool      # needs a hybrid model directory
+    needs_hf: bool          # needs an HF checkpoint transformers can read
+
+
+SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in [
+    SystemSpec("dense-gpu", "this engine, dense, whole model on the GPU, CUDA-graph decode", True, False, True, False, False),
+    SystemSpec("hybrid", "hybrid runtime under the budget (predictor mode)", True, True, False, True, False),
+    SystemSpec("dense-offload", "this engine, dense, first N layers on the GPU, rest on the CPU", True, True, True, False, False),
+    SystemSpec("hybrid-gpu", "hybrid runtime, every neuron on the GPU (predictor mode)", True, False, False, True, False),
+    SystemSpec("hf-gpu", "transformers generate(), whole model on the GPU", True, False, True, False, True),
+    SystemSpec("hf-offload", "transformers + accelerate device_map=auto, max_memory = budget", True, True, True, False, True),
+    SystemSpec("llamacpp-gpu", "llama.cpp (llama-cpp-python), all layers on the GPU", True, False, True, False, True),
+    SystemSpec("llamacpp-offload", "llama.cpp (llama-cpp-python), n_gpu_layers fitting the budget", True, True, True, False, True),
+    SystemSpec("dense-cpu", "this engine, dense, on the CPU", False, False, True, False, False),
+    SystemSpec("hybrid-cpu", "hybrid runtime on the CPU only (predictor mode, Numba kernels)", False, False, False, True, False),
+    SystemSpec("hf-cpu", "transformers generate() on the CPU", False, False, True, False, True),
+]}
+GPU_DEFAULT = ["dense-gpu", "hybrid", "dense-offload", "hybrid-gpu", "hf-gpu", "hf-offload", "llamacpp-gpu",
+               "llamacpp-offload"]
+CPU_DEFAULT = ["dense-cpu", "hybrid-cpu", "hf-cpu"]
+REFERENCE_FIGURES = {  # issue 7, measured on the H100 machine (2026-11-22) with the 7B shape: context only
+    "llama.cpp, whole model on the GPU": 143.6, "llama.cpp, 20/32 layers on the GPU (~8 GiB)": 18.3,
+    "llama.cpp, CPU only": 7.6, "PowerInfer, 8 GiB": 27.4, "PowerInfer, whole model on the GPU": 66.3,
+    "transformers generate, GPU": 38.2, "transformers + accelerate, 8 GiB": 1.33,
+}
+
+
+def parse_systems(text: str, cuda: bool) -> list[str]:
+    if text in ("auto", ""):
+        return list(GPU_DEFAULT if cuda else CPU_DEFAULT)
+    if text == "all":
+        return list(SYSTEMS)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SYSTEMS]
+    if bad:
+        raise UserError(f"--systems: unknown system {bad[0]!r} (known: {', '.join(SYSTEMS)}; or auto, all)")
+    return list(dict.fromkeys(names))
+
+
+def parse_budgets(text: str) -> list[float]:
+    if text.strip().lower() in ("", "none", "off"):
+        return []
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--sweep must be comma-separated GiB values (e.g. 4,6,8,12,16) or none, got {text!r}") from None
+    if any(v <= 0 for v in vals):
+        raise UserError(f"--sweep budgets must be positive, got {text!r}")
+    return vals
+
+
+# --------------------------------------------------------------------------------------- options
+
+
+@dataclass
+class BenchOptions:
+    model: str = "auto"                 # synthetic-{7b,13b,small,tiny}, a hybrid dir or an HF dir; auto by CUDA
+    systems: str = "auto"
+    gpu_memory: str = "8GiB"
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    runs: int = 3
+    out: str = str(REPO / "bench" / "results")
+    profile_time: bool = False
+    profile_tokens: int = 32            # decode tokens of the --profile-time pass
+    sweep: str = "4,6,8,12,16"
+    sweep_new_tokens: int = 32
+    slow_new_tokens: int = 16           # for hf-offload (~1 tok/s at 7B): fewer tokens, said so
+    time_budget_s: float = 540.0
+    work: str = str(DEFAULT_WORK)
+    seed: int = 0
+    threads: int | None = None
+    cold_format: str = "auto"
+    rebuild: bool = False
+    force: bool = False
+    pipeline: dict = field(default_factory=dict)   # PipelineConfig overrides for the synthetic model
+
+
+# --------------------------------------------------------------------------------------- logging
+
+
+class BenchLog:
+    """Timestamped progress on stderr, kept for the results file and a log beside them."""
+
+    def __init__(self, budget_s: float):
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+        self.lines: list[str] = []
+        self.notes: list[str] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def __call__(self, msg: str) -> None:
+        for line in str(msg).splitlines() or [""]:
+            stamped = f"[{self.elapsed():7.1f}s] {line}"
+            self.lines.append(stamped)
+            print(stamped, file=sys.stderr, flush=True)
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self(f"note: {msg}")
+
+
+# --------------------------------------------------------------------------------------- memory
+
+
+def _proc_status(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / GiB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def free_memory(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------- bandwidths
+
+try:
+    from numba import njit, prange
+
+    @njit(parallel=True, nogil=True, cache=True, fastmath=True)
+    def _parallel_sum(a):
+        s = np.float32(0.0)
+        for i in prange(a.shape[0]):
+            s += a[i]
+        return s
+except ImportError:  # numba is a dependency; keep the module importable for --help
+    _parallel_sum = None
+
+
+def _best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_cpu_read_bw(nbytes: int) -> float:
+    """GB/s of a multi-threaded (Numba) read of a float32 buffer of nbytes (random data)."""
+    a = torch.rand(nbytes // 4).numpy()
+    _parallel_sum(a[:1024])
+    return nbytes / _best_of(lambda: _parallel_sum(a), 5) / 1e9
+
+
+def measure_gpu_bw(nbytes: int) -> dict:
+    """Device-to-device copy (bytes read + written) and pinned host<->device copies, GB/s."""
+    dev = torch.device("cuda")
+    src = torch.rand(nbytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    host = torch.empty(nbytes // 4 // 2, pin_memory=True).uniform_()
+    dev_half = torch.empty(host.numel(), device=dev)
+
+    def timed(fn, iters: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(iters):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        return e0.elapsed_time(e1) / 1e3 / iters
+
+    d2d = 2 * nbytes / timed(lambda: dst.copy_(src), 20) / 1e9
+    h2d = host.numel() * 4 / timed(lambda: dev_half.copy_(host, non_blocking=True), 10) / 1e9
+    d2h = host.numel() * 4 / timed(lambda: host.copy_(dev_half, non_blocking=True), 10) / 1e9
+    return {"gpu_copy_GBps": d2d, "h2d_GBps": h2d, "d2h_GBps": d2h, "gpu_buffer_bytes": nbytes}
+
+
+def measure_cpu_matvec(d: int, f: int, min_bytes: int) -> dict:
+    """GB/s of torch's batch-1 CPU matvec (x @ W^T, W (f, d)) per dtype, over enough matrices to
+    exceed min_bytes (so they are not cache-resident), rotating between them."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):   # (the engine runs no fp16 on the CPU)
+        per = f * d * torch.finfo(dtype).bits // 8
+        n = min(16, max(2, math.ceil(min_bytes / per)))   # small models: cache-resident, say so in the notes
+        try:
+            ws = [torch.randn(f, d).to(dtype) for _ in range(n)]
+            x = torch.randn(1, d).to(dtype)
+            torch.nn.functional.linear(x, ws[0])
+
+            def run():
+                for w in ws:
+                    torch.nn.functional.linear(x, w)
+            once = _best_of(run, 1)
+            best = min(once, _best_of(run, 2)) if once < 0.5 else once   # a slow dtype is timed once
+            out[str(dtype).replace("torch.", "")] = n * per / best / 1e9
+        except RuntimeError as e:   # a dtype without a CPU kernel
+            out[str(dtype).replace("torch.", "")] = None
+            print(f"note: torch CPU matvec in {dtype} failed ({str(e).splitlines()[0]})", file=sys.stderr)
+        finally:
+            ws = None
+    return out
+
+
+def pick_cpu_dtype(matvec: dict) -> tuple[str, float]:
+    """The dtype with the most weights per second (GB/s / bytes per weight); its GB/s."""
+    per = {"float32": 4, "bfloat16": 2, "float16": 2}
+    best = max((k for k, v in matvec.items() if v), key=lambda k: matvec[k] / per[k])
+    return best, matvec[best]
+
+
+# --------------------------------------------------------------------------------------- runners
+
+
+@dataclass
+class RunResult:
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    prompt_tokens: int
+    tokens: list[int]
+
+
+class EngineRunner:
+    """This engine (dense, offload or hybrid) through the product's Generator."""
+
+    def __init__(self, model, tokenizer, device: torch.device, context: int, decode_step=None):
+        from hybrid_runtime.generate import Generator
+        self.model, self.device = model, device
+        self.gen = Generator(model, tokenizer, context, device, eos_ids=[], decode_step=decode_step)
+        self.gen.eos_ids = set()   # every run generates exactly new_tokens tokens
+
+    def generate(self, prompt: list[int], n_new: int) -> RunResult:
+        from hybrid_runtime.generate import SamplingParams
+        self.gen.reset()
+        r = self.gen.generate(prompt, SamplingParams(max_new_tokens=n_new))
+        return RunResult(r.prefill_seconds, r.decode_seconds, r.decode_steps, r.prompt_tokens, list(r.tokens))
+
+
+class HFRunner:
+    """transformers: prefill timed as one forward; decode = generate() time minus that prefill."""
+
+    def __init__(self, model, input_device: torch.device):
+        self.model, self.device = model, input_device
+        self.cuda = torch.cuda.is_available()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], n_new: int) -> RunResult:
+        ids = torch.tensor([prompt], device=self.device)
+        mask = torch.ones_like(ids)
+        self._sync()
+        t0 = time.perf_counter()
+        self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        self._sync()
+        t1 = time.perf_counter()
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                                  do_sample=False, pad_token_id=0)
+        self._sync()
+        t2 = time.perf_counter()
+        prefill = t1 - t0
+        return RunResult(prefill, max(t2 - t1 - prefill, 1e-9), n_new - 1, len(prompt),
+                         out[0, len(prompt):].tolist())
+
+
+class LayerOffloadModel(torch.nn.Module):
+    """Dense engine split by layers: [0, n_gpu) on the GPU in the checkpoint dtype, [n_gpu, L) on
+    the CPU in `cpu_dtype` (llama.cpp's -ngl). One host round trip per token at the split."""
+
+    def __init__(self, model, n_gpu: int, gpu: torch.device, cpu_dtype: torch.dtype):
+        super().__init__()
+        self.model, self.n_gpu, self.gpu, self.cpu_dtype = model, n_gpu, gpu, cpu_dtype
+        self.tok_embeddings = model.tok_embeddings   # Generator / setup helpers look for it
+
+    def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
+        from hybrid_runtime.model import KVCache
+        m = self.model
+        m.setup_cache(max_batch, max_seq_len)                    # GPU tables; GPU layers' caches
+        cfg = m.config
+        for layer in m.layers[self.n_gpu:]:
+            layer.attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, self.cpu_dtype, "cpu")
+        self.cpu_cos, self.cpu_sin = m.rope_cos.cpu(), m.rope_sin.cpu()
+        self.cpu_mask = m.causal_mask.cpu()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        mask = m.causal_mask[input_pos]
+        cos, sin = m.rope_cos[input_pos], m.rope_sin[input_pos]
+        h = m.tok_embeddings(tokens)                                      # (B, T, d) on the GPU
+        for layer in m.layers[:self.n_gpu]:
+            h = layer(h, cos, sin, mask, input_pos)
+        if self.n_gpu < len(m.layers):
+            pos = input_pos.cpu()                                         # the split's host round trip
+            hc = h.to("cpu", self.cpu_dtype)
+            cmask, ccos, csin = self.cpu_mask[pos], self.cpu_cos[pos], self.cpu_sin[pos]
+            for layer in m.layers[self.n_gpu:]:
+                hc = layer(hc, ccos, csin, cmask, pos)
+            h = hc.to(self.gpu, h.dtype)
+        return m.output(m.norm(h)).float()
+
+
+def build_layer_offload(path: Path, n_gpu: int, gpu: torch.device, cpu_dtype: torch.dtype) -> LayerOffloadModel:
+    """Load an HF checkpoint (or hybrid directory) with layers [0, n_gpu) and the non-layer weights
+    on the GPU (checkpoint dtype), the other layers on the CPU converted to cpu_dtype."""
+    from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
+    from hybrid_runtime.loading import (checkpoint_dtype, checkpoint_files, iter_checkpoint_tensors, load_config,
+                                        native_name)
+    from hybrid_runtime.model import Transformer
+    cfg = load_config(path)
+    native = is_hybrid_dir(path)
+    files = [path / read_hybrid_meta(path).raw["weights"]] if native else checkpoint_files(path)
+    gpu_dtype = checkpoint_dtype(files)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {}
+    for name, t, _ in iter_checkpoint_tensors(files):
+        mapped = (name, False) if native else native_name(name)
+        if mapped is None:
+            continue
+        native_n, transpose = mapped
+        if transpose:
+            t = t.t()
+        m = re.match(r"layers\.(\d+)\.", native_n)
+        on_gpu = m is None or int(m.group(1)) < n_gpu
+        state[native_n] = t.to(device=gpu if on_gpu else "cpu", dtype=gpu_dtype if on_gpu else cpu_dtype).contiguous()
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return LayerOffloadModel(model.eval().requires_grad_(False), n_gpu, gpu, cpu_dtype)
+
+
+def offload_layers_for_budget(cfg, budget: int, context: int, wbytes: int = 2) -> int:
+    """Layers that fit on the GPU: budget - (embeddings, lm_head, final norm, workspace) over the
+    bytes of one layer (weights + its KV cache). Same accounting as the hybrid placement."""
+    from hybrid_runtime.placement import ModelShape
+    from hybrid_runtime.session import WORKSPACE_BYTES
+    shape = ModelShape.from_config(cfg, weight_bytes=wbytes)
+    fixed = cfg.vocab_size * cfg.dim * wbytes * (1 if cfg.tie_embeddings else 2) + cfg.dim * wbytes + WORKSPACE_BYTES
+    per_layer = (shape.attention_bytes() // cfg.n_layers + 3 * cfg.dim * cfg.ffn_dim * wbytes + 2 * cfg.dim * wbytes
+                 + shape.kv_cache_bytes(context) // cfg.n_layers)
+    return max(0, min(cfg.n_layers, (budget - fixed) // per_layer))
+
+
+# --------------------------------------------------------------------------------------- bytes / limits
+
+
+def param_bytes(module: torch.nn.Module, device_type: str | None = None) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (device_type and p.device.type != device_type):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_read_bytes(cfg, ctx_avg: float, elem: int, layers: int | None = None) -> float:
+    L = cfg.n_layers if layers is None else layers
+    return 2 * L * ctx_avg * cfg.n_kv_heads * cfg.head_dim * elem
+
+
+@dataclass
+class Limit:
+    """Bytes one decode token must read, and the fastest ms/token they allow."""
+    gpu_bytes: float = 0.0
+    cpu_bytes: float = 0.0
+    h2d_bytes: float = 0.0
+    ms: float = 0.0
+    model: str = ""
+
+    @property
+    def tps(self) -> float | None:
+        return 1e3 / self.ms if self.ms > 0 else None
+
+
+def sequential_limit(gpu_bytes: float, cpu_bytes: float, h2d_bytes: float, bw: dict, what: str) -> Limit:
+    s = 0.0
+    if gpu_bytes:
+        s += gpu_bytes / (bw["gpu_copy_GBps"] * 1e9)
+    if cpu_bytes:
+        s += cpu_bytes / (bw["cpu_read_GBps"] * 1e9)
+    if h2d_bytes:
+        s += h2d_bytes / (bw["h2d_GBps"] * 1e9)
+    return Limit(gpu_bytes, cpu_bytes, h2d_bytes, 1e3 * s, what)
+
+
+# --------------------------------------------------------------------------------------- hybrid instrumentation
+
+
+class SelectionCounter:
+    """Counts predicted-active hot and cold neurons per layer (GPU accumulators, one read at the end)."""
+
+    def __init__(self, model):
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            ffn = layer.ffn
+            if not hasattr(ffn, "predictor"):
+                continue
+            acc = torch.zeros(2, dtype=torch.float64, device=ffn.hot_gate.device)
+            orig = ffn.select
+
+            def counted(h, x, orig=orig, ffn=ffn, acc=acc):
+                hot_logits, cold_sel = orig(h, x)
+                if ffn is self.layers[0][1]:
+                    self.calls += 1
+                if hot_logits is not None and hot_logits.numel():
+                    acc[0] += (hot_logits > ffn.predictor.threshold).sum(dim=-1).double().mean()
+                if cold_sel is not None and cold_sel.numel():
+                    acc[1] += cold_sel.sum().double()
+                return hot_logits, cold_sel
+
+            self.layers.append((i, ffn, orig, acc))
+            ffn.select = counted
+        self.calls = 0
+
+    def reset(self) -> None:
+        for *_, acc in self.layers:
+            acc.zero_()
+        self.calls = 0
+
+    def restore(self) -> list[tuple[float, float]]:
+        """Per layer (mean hot selected, mean cold selected) per call; unwraps."""
+        out = []
+        for i, ffn, orig, acc in self.layers:
+            ffn.select = orig
+            out.append(tuple(float(v) / max(self.calls, 1) for v in acc.cpu()))
+        return out
+
+
+def _decode_loop(model, prompt: list[int], n_tokens: int, device: torch.device, per_token=None,
+                 after_prefill=None) -> None:
+    """Prefill, then n_tokens greedy decode steps of `model` (eager), calling per_token(t0, t1, t2):
+    t0 before the step, t1 when the host returned from the forward, t2 after reading the token."""
+    pos = torch.arange(len(prompt) + n_tokens + 1, device=device)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt], device=device), pos[:len(prompt)])[0, -1]
+        nxt = logits.argmax().view(1, 1)
+        nxt.item()
+        if after_prefill:
+            after_prefill()
+        for i in range(n_tokens):
+            p = len(prompt) + i
+            t0 = time.perf_counter()
+            logits = model(nxt, pos[p:p + 1])[0, -1]
+            t1 = time.perf_counter()
+            nxt = logits.argmax().view(1, 1)
+            nxt.item()
+            t2 = time.perf_counter()
+            if per_token:
+                per_token(t0, t1, t2)
+
+
+class PhaseProfiler:
+    """--profile-time: wraps the hybrid layer's phases (attention, predictor select, D2H copy, hot FFN,
+    host wait, cold FFN, H2D copy) with host timers, and the GPU ones with CUDA events. Local to the
+    bench: instance attributes shadow the methods; hybrid.py is not modified."""
+
+    GPU_PHASES = ("attention", "select", "to_host", "hot_ffn", "to_device")
+    HOST_ONLY = ("wait", "cold_ffn")
+
+    def __init__(self, model, cuda: bool):
+        self.cuda = cuda
+        self.host = defaultdict(float)
+        self.gpu = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.pending: list[tuple[str, object, object]] = []
+        self.pool: list = []
+        self.found: set[str] = set()
+        self.n_layers = len(model.layers)
+        staged = set()
+        for layer in model.layers:
+            self._wrap(layer.attn, "forward", "attention", gpu=True)
+            ffn = layer.ffn
+            for name in ("select", "hot_ffn", "cold_ffn"):
+                if hasattr(ffn, name):
+                    self._wrap(ffn, name, name, gpu=name != "cold_ffn")
+            st = getattr(ffn, "staging", None)
+            if st is not None and id(st) not in staged:
+                staged.add(id(st))
+                for name in ("to_host", "wait", "to_device"):
+                    if hasattr(st, name):
+                        self._wrap(st, name, name, gpu=name != "wait")
+
+    def _event_pair(self):
+        if self.pool:
+            return self.pool.pop()
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def _wrap(self, obj, name: str, phase: str, gpu: bool) -> None:
+        orig = getattr(obj, name)
+        self.found.add(phase)
+        prof = self
+
+        def timed(*args, **kwargs):
+            ev = None
+            if prof.cuda and gpu:
+                ev = prof._event_pair()
+                ev[0].record()
+            t0 = time.perf_counter()
+            r = orig(*args, **kwargs)
+            prof.host[phase] += time.perf_counter() - t0
+            if ev is not None:
+                ev[1].record()
+                prof.pending.append((phase, ev[0], ev[1]))
+            prof.calls[phase] += 1
+            return r
+
+        setattr(obj, name, timed)
+
+    def collect(self) -> None:
+        """After a synchronising point: fold the recorded events into the GPU times."""
+        for phase, e0, e1 in self.pending:
+            self.gpu[phase] += e0.elapsed_time(e1) / 1e3
+            self.pool.append((e0, e1))
+        self.pending.clear()
+
+    def run(self, model, prompt: list[int], n_tokens: int, device: torch.device) -> dict:
+        timeline = defaultdict(float)
+        gpu_total = [0.0]
+        marks = {}
+        if self.cuda:
+            marks = {"start": torch.cuda.Event(enable_timing=True), "end": torch.cuda.Event(enable_timing=True)}
+
+        def after_prefill():            # only decode steps are counted
+            self.collect()
+            for acc in (self.host, self.gpu, self.calls):
+                acc.clear()
+            if self.cuda:
+                marks["start"].record()
+
+        def per_token(t0, t1, t2):
+            timeline["wall"] += t2 - t0
+            timeline["forward_host"] += t1 - t0
+            timeline["tail_sync"] += t2 - t1
+            if self.cuda:               # outside the timed step: read this token's events
+                marks["end"].record()
+                marks["end"].synchronize()
+                gpu_total[0] += marks["start"].elapsed_time(marks["end"]) / 1e3
+            self.collect()
+            if self.cuda:
+                marks["start"].record()
+
+        _decode_loop(model, prompt, n_tokens, device, per_token, after_prefill)
+        host, gpu, calls = dict(self.host), dict(self.gpu), dict(self.calls)
+        n = max(n_tokens, 1)
+        ms = lambda v: 1e3 * v / n  # noqa: E731
+        cold, wait = host.get("cold_ffn", 0.0), host.get("wait", 0.0)
+        python = timeline["forward_host"] - cold - wait
+        gpu_phases = {p: ms(gpu.get(p, 0.0)) for p in self.GPU_PHASES if p in self.found} if self.cuda else {}
+        res = {
+            "tokens": n_tokens, "layers": self.n_layers,
+            "wall_ms": ms(timeline["wall"]),
+            "host_timeline_ms": {"python_and_launch": ms(python), "cpu_cold_ffn": ms(cold),
+                                 "wait_for_gpu_x": ms(wait), "end_of_token_sync": ms(timeline["tail_sync"])},
+            "gpu_busy_ms": gpu_phases,
+            "gpu_total_ms": ms(gpu_total[0]) if self.cuda else None,
+            "host_phase_ms": {p: ms(v) for p, v in host.items()},
+            "calls_per_token": {p: c / n for p, c in calls.items()},
+            "phases_missing": sorted(set(self.GPU_PHASES + self.HOST_ONLY) - self.found),
+        }
+        L = max(self.n_layers, 1)
+        res["summary_ms"] = {
+            "GPU (attention + predictor + hot FFN, events)": sum(v for k, v in gpu_phases.items()
+                                                              if k in ("attention", "select", "hot_ffn")),
+            "CPU (cold FFN, Numba)": ms(cold),
+            "copies/sync (host blocked on the GPU)": ms(wait + timeline["tail_sync"]),
+            ("Python overhead (host time not blocked)" if self.cuda else
+             "torch CPU work + Python (no GPU: attention etc. run on the host)"): ms(python),
+        }
+        res["per_layer_us"] = {"python_and_launch": 1e3 * ms(python) / L, "wait_for_gpu_x": 1e3 * ms(wait) / L,
+                               "cpu_cold_ffn": 1e3 * ms(cold) / L}
+        return res
+
+
+def format_profile(p: dict) -> str:
+    lines = [f"decode time breakdown, hybrid, {p['tokens']} tokens, {p['layers']} layers "
+             f"(profiling pass with timers: {p['wall_ms']:.2f} ms/token wall)"]
+    lines.append("  host timeline (adds up to the wall time):")
+    for k, v in p["host_timeline_ms"].items():
+        lines.append(f"    {k:<28} {v:8.3f} ms/token  {100 * v / max(p['wall_ms'], 1e-9):5.1f}%")
+    if p["gpu_busy_ms"]:
+        lines.append("  GPU time per phase (CUDA events; overlaps the host timeline):")
+        for k, v in p["gpu_busy_ms"].items():
+            lines.append(f"    {k:<28} {v:8.3f} ms/token")
+        if p.get("gpu_total_ms") is not None:
+            lines.append(f"    {'token start -> end':<28} {p['gpu_total_ms']:8.3f} ms/token")
+    lines.append("  summary (GPU, CPU, copies/sync, Python overhead):")
+    for k, v in p["summary_ms"].items():
+        lines.append(f"    {k:<44} {v:8.3f} ms/token")
+    u = p["per_layer_us"]
+    lines.append(f"  per layer: Python/launch {u['python_and_launch']:.1f} us, wait for x {u['wait_for_gpu_x']:.1f} us, "
+                 f"cold FFN {u['cpu_cold_ffn']:.1f} us (target: Python/sync <= 100 us per layer)")
+    if p["phases_missing"]:
+        lines.append(f"  phases not found in this hybrid build (not timed): {', '.join(p['phases_missing'])}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Ctx:
+    opts: BenchOptions
+    log: BenchLog
+    cuda: bool
+    device: torch.device
+    hf_dir: Path | None          # transformers-readable checkpoint
+    dense_dir: Path              # what the engine's dense systems load
+    hybrid_dir: Path | None
+    prompt: list[int]
+    context: int
+    budget: int
+    bw: dict
+    cpu_dtype: str
+    predictor_precision: float | None
+    cfg: object                   # hybrid_runtime.model.ModelConfig
+    reference_tokens: list[int] | None = None
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _time_runs(runner, ctx: Ctx, name: str, n_new: int, runs: int, cap_s: float) -> tuple[list[RunResult], str]:
+    """Warm-up (excluded), then up to `runs` timed runs, fewer when one run would not fit cap_s."""
+    log = ctx.log
+    t0 = time.perf_counter()
+    warm = runner.generate(ctx.prompt, min(n_new, 8))
+    warm_s = time.perf_counter() - t0
+    per_tok = warm.decode_s / max(warm.decode_steps, 1)
+    est = warm.prefill_s + per_tok * n_new * 1.1 + 0.05
+    note = ""
+    allowed = max(1, int(cap_s // max(est, 1e-3)))
+    if allowed < runs:
+        note = f"{allowed} run(s) instead of {runs} (time budget; ~{est:.0f} s per run)"
+        runs = allowed
+    log(f"{name}: warm-up {warm_s:.1f} s (~{1 / max(per_tok, 1e-9):.1f} tok/s); {runs} timed run(s) of {n_new} tokens")
+    results = [runner.generate(ctx.prompt, n_new) for _ in range(runs)]
+    return results, note
+
+
+def _summarise(results: list[RunResult]) -> dict:
+    prefill = [r.prompt_tokens / r.prefill_s for r in results if r.prefill_s > 0]
+    decode = [r.decode_steps / r.decode_s for r in results if r.decode_s > 0]
+    d = _median(decode)
+    return {"prefill_tps": _median(prefill), "decode_tps": d, "ms_per_token": 1e3 / d if d > 0 else None,
+            "runs": len(results), "decode_tps_runs": decode, "prefill_tps_runs": prefill}
+
+
+def _agreement(tokens: list[int], ref: list[int] | None) -> int | None:
+    if ref is None:
+        return None
+    n = 0
+    for a, b in zip(tokens, ref):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+# ----- builders: each returns (runner, info dict, Limit)
+
+
+def _open(ctx: Ctx, path: Path, device: str, **kw):
+    from hybrid_runtime.session import open_model
+    return open_model(str(path), device=device, context=ctx.context, **kw)
+
+
+def _dense_limit(ctx: Ctx, model, where: str) -> Limit:
+    cfg = ctx.cfg
+    elem = model.tok_embeddings.weight.element_size()
+    weights = param_bytes(model) - model.tok_embeddings.weight.numel() * elem   # one embedding row is read
+    kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
+    if where == "gpu":
+        return sequential_limit(weights + kv, 0, 0, ctx.bw, "weights + KV / GPU bw")
+    return sequential_limit(0, weights + kv, 0, ctx.bw, "weights + KV / CPU bw")
+
+
+def build_dense_gpu(ctx: Ctx):
+    lm = _open(ctx, ctx.dense_dir, "cuda", mode="dense")
+    info = {"dtype": str(lm.dtype).replace("torch.", ""), "cuda_graph": lm.decode_step is not None}
+    return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context, lm.decode_step), info, \
+        _dense_limit(ctx, lm.model, "gpu")
+
+
+def build_dense_cpu(ctx: Ctx):
+    lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", dtype=ctx.cpu_dtype)
+    info = {"dtype": str(lm.dtype).replace("torch.", ""), "cpu_dtype_choice": ctx.cpu_dtype}
+    return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context), info, _dense_limit(ctx, lm.model, "cpu")
+
+
+def build_dense_offload(ctx: Ctx, budget: int | None = None):
+    from hybrid_runtime.loading import load_tokenizer
+    budget = ctx.budget if budget is None else budget
+    n_gpu = offload_layers_for_budget(ctx.cfg, budget, ctx.context)
+    cpu_dtype = getattr(torch, ctx.cpu_dtype)
+    model = build_layer_offload(ctx.dense_dir, n_gpu, ctx.device, cpu_dtype)
+    model.setup_cache(1, ctx.context)
+    cfg = ctx.cfg
+    gpu_w = param_bytes(model.model, "cuda") - model.model.tok_embeddings.weight.numel() * 2
+    cpu_w = param_bytes(model.model, "cpu")
+    ctx_avg = len(ctx.prompt) + ctx.opts.new_tokens / 2
+    lim = sequential_limit(gpu_w + kv_read_bytes(cfg, ctx_avg, 2, n_gpu),
+                           cpu_w + kv_read_bytes(cfg, ctx_avg, cpu_dtype.itemsize, cfg.n_layers - n_gpu),
+                           2 * cfg.dim * 4, ctx.bw, "GPU layers / GPU bw + CPU layers / CPU bw")
+    info = {"gpu_layers": n_gpu, "cpu_layers": cfg.n_layers - n_gpu, "cpu_dtype": ctx.cpu_dtype,
+            "budget_gib": budget / GiB}
+    ctx.log(f"dense-offload: {n_gpu} of {cfg.n_layers} layers on the GPU, the rest on the CPU in {ctx.cpu_dtype}")
+    return EngineRunner(model, load_tokenizer(ctx.dense_dir), ctx.device, ctx.context), info, lim
+
+
+def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple[float, float]], gpu: bool) -> Limit:
+    """Per layer: attention + predictor + norms on the GPU, then max(hot rows / GPU bw, cold rows / CPU bw)."""
+    model, cfg = lm.model, ctx.cfg
+    bw = ctx.bw
+    prec = ctx.predictor_precision if ctx.predictor_precision is not None else 1.0
+    rows_per_selected = 1 + 2 * prec     # gate always; up + down when it fires
+    elem = model.tok_embeddings.weight.element_size()
+    gpu_bw = bw["gpu_copy_GBps"] * 1e9 if gpu else None
+    cpu_bw = bw["cpu_read_GBps"] * 1e9
+    fixed = (model.output.weight.numel() + model.norm.weight.numel()) * elem
+    kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
+    gpu_bytes, cpu_bytes, secs = fixed + kv, 0.0, 0.0
+    for (hot_sel, cold_sel), layer in zip(counts or [(0.0, 0.0)] * cfg.n_layers, model.layers):
+        ffn = layer.ffn
+        seq = param_bytes(layer.attn) + param_bytes(layer.attn_norm) + param_bytes(ffn.norm)
+        seq += param_bytes(ffn.predictor) if hasattr(ffn, "predictor") else 0
+        hot = hot_sel * rows_per_selected * cfg.dim * elem
+        cold_row = ffn.cold.cold.row_bytes if getattr(ffn, "cold", None) is not None else cfg.dim * 2
+        cold = cold_sel * rows_per_selected * cold_row
+        gpu_bytes += seq + hot
+        cpu_bytes += cold
+        if gpu:
+            secs += seq / gpu_bw + max(hot / gpu_bw, cold / cpu_bw + (2 * cfg.dim * 4 / (bw["h2d_GBps"] * 1e9)
+                                                                        if cold else 0.0))
+        else:
+            secs += (seq + hot + cold) / cpu_bw
+    secs += (fixed + kv) / (gpu_bw or cpu_bw)
+    return Limit(gpu_bytes if gpu else 0.0, cpu_bytes if gpu else gpu_bytes + cpu_bytes, 0.0, 1e3 * secs,
+                 f"per layer attn+pred, then max(hot/GPU, cold/CPU); {rows_per_selected:.2f} rows per "
+                 f"selected neuron (precision {prec:.2f})")
+
+
+def _hybrid_info(lm, counts) -> dict:
+    cfg = lm.config
+    info = {"mode": lm.mode, "cuda_graph": lm.decode_step is not None,
+            "dtype": str(lm.dtype).replace("torch.", "")}
+    p = lm.placement
+    if p is not None:
+        info.update({"hot_fraction": p.hot_fraction, "gpu_share_expected": p.gpu_share,
+                     "gpu_bytes_planned": p.gpu_bytes, "cpu_bytes": p.cpu_bytes})
+    hot = [getattr(layer.ffn, "hot_gate", None) for layer in lm.model.layers]
+    info["hot_neurons"] = int(sum(h.shape[0] for h in hot if h is not None))
+    info["ffn_neurons"] = cfg.ffn_dim * cfg.n_layers
+    ffn0 = lm.model.layers[0].ffn
+    hot_ffn = getattr(ffn0, "hot_ffn", None)
+    info["hot_path"] = getattr(hot_ffn, "__name__", "?")
+    cold = [getattr(layer.ffn, "cold", None) for layer in lm.model.layers]
+    cold = [c for c in cold if c is not None]
+    if cold:
+        info["cold_format"] = cold[0].cold.fmt
+    if lm.device.type == "cuda":
+        from hybrid_runtime import kernels
+        info["kernels"] = kernels.kernel_status()
+    if counts:
+        info["selected_hot_per_token"] = float(sum(c[0] for c in counts))
+        info["selected_cold_per_token"] = float(sum(c[1] for c in counts))
+    return info
+
+
+def _selection_counts(ctx: Ctx, lm) -> list[tuple[float, float]]:
+    counter = SelectionCounter(lm.model)
+    if not counter.layers:
+        return []
+    _decode_loop(lm.model, ctx.prompt, 8, lm.device, after_prefill=counter.reset)   # decode tokens only
+    return counter.restore()
+
+
+def build_hybrid(ctx: Ctx, budget: int | None = None, full_gpu: bool = False, device: str = "cuda"):
+    cold_format = None if ctx.opts.cold_format == "auto" else ctx.opts.cold_format
+    if device == "cpu":
+        lm = _open(ctx, ctx.hybrid_dir, "cpu", mode="predictor", cold_format=cold_format)
+    elif full_gpu:
+        lm = _open(ctx, ctx.hybrid_dir, "cuda", mode="predictor", hot_fraction=1.0, cold_format=cold_format)
+    else:
+        b = ctx.budget if budget is None else budget
+        lm = _open(ctx, ctx.hybrid_dir, "cuda", mode="predictor", gpu_memory=str(int(b)), cold_format=cold_format)
+    counts = _selection_counts(ctx, lm)
+    info = _hybrid_info(lm, counts)
+    lim = _hybrid_limit(ctx, lm, counts, gpu=device != "cpu")
+    runner = EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context, lm.decode_step)
+    runner.lm = lm
+    return runner, info, lim
+
+
+def _hf_limit(ctx: Ctx, model) -> Limit:
+    gpu_w, cpu_w = 0, 0       # accelerate's CPU offload leaves meta tensors on the module: counted as CPU
+    emb = model.get_input_embeddings().weight
+    for p in model.parameters():
+        if p is emb:
+            continue
+        nb = p.numel() * p.element_size()
+        if p.device.type == "cuda":
+            gpu_w += nb
+        else:
+            cpu_w += nb
+    elem = 2 if ctx.cuda else 4
+    kv = kv_read_bytes(ctx.cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
+    if not ctx.cuda:
+        return sequential_limit(0, cpu_w + kv, 0, ctx.bw, "weights + KV / CPU bw")
+    return sequential_limit(gpu_w + kv, 0, cpu_w, ctx.bw,
+                            "GPU weights / GPU bw + offloaded weights / H2D bw")
+
+
+def build_hf(ctx: Ctx, offload: bool = False, device: str = "cuda"):
+    from transformers import AutoModelForCausalLM
+    if ctx.hf_dir is None:
+        raise _Skip("no HF checkpoint for this model (a hybrid directory whose source is gone)")
+    cfg = json.loads((ctx.hf_dir / "config.json").read_text())
+    if cfg.get("hidden_act") not in ("relu", "silu", "gelu", "swish", "relu2"):
+        raise _Skip(f"transformers has no activation {cfg.get('hidden_act')!r}")
+    kw: dict = {}
+    if device == "cpu":
+        kw = {"dtype": torch.float32}
+    elif offload:
+        if importlib.util.find_spec("accelerate") is None:
+            raise _Skip("accelerate is not installed (pip install accelerate)")
+        kw = {"dtype": torch.float16, "device_map": "auto",
+              "max_memory": {0: int(ctx.budget - 512 * 1024 ** 2), "cpu": 200 * GiB}}
+    else:
+        kw = {"dtype": torch.float16, "device_map": "cuda"}
+    model = AutoModelForCausalLM.from_pretrained(str(ctx.hf_dir), **kw).eval()
+    info = {"dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    dm = getattr(model, "hf_device_map", None)
+    if offload and dm:
+        info["device_map"] = {str(k): str(v) for k, v in list(dm.items())[:64]}
+        info["modules_on_gpu"] = sum(1 for v in dm.values() if str(v) in ("0", "cuda", "cuda:0"))
+        info["modules_off_gpu"] = sum(1 for v in dm.values() if str(v) not in ("0", "cuda", "cuda:0"))
+    input_device = torch.device("cuda" if device != "cpu" else "cpu")
+    return HFRunner(model, input_device), info, _hf_limit(ctx, model)
+
+
+def build_llamacpp(ctx: Ctx, offload: bool = False):
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise _Skip("llama_cpp is not importable (pip install llama-cpp-python built with CUDA, and gguf)")
+    if importlib.util.find_spec("gguf") is None:
+        raise _Skip("llama_cpp is importable but the gguf package (to write the f16 GGUF) is not")
+    raise _Skip("llama.cpp runner not implemented in this harness yet (GGUF export of the synthetic model)")
+
+
+class _Skip(Exception):
+    """A system that cannot run here: reported as a 'skipped' line, not an error."""
+
+
+BUILDERS = {
+    "dense-gpu": build_dense_gpu,
+    "hybrid": lambda ctx: build_hybrid(ctx),
+    "dense-offload": lambda ctx: build_dense_offload(ctx),
+    "hybrid-gpu": lambda ctx: build_hybrid(ctx, full_gpu=True),
+    "hf-gpu": lambda ctx: build_hf(ctx),
+    "hf-offload": lambda ctx: build_hf(ctx, offload=True),
+    "llamacpp-gpu": lambda ctx: build_llamacpp(ctx),
+    "llamacpp-offload": lambda ctx: build_llamacpp(ctx, offload=True),
+    "dense-cpu": build_dense_cpu,
+    "hybrid-cpu": lambda ctx: build_hybrid(ctx, device="cpu"),
+    "hf-cpu": lambda ctx: build_hf(ctx, device="cpu"),
+}
+
+
+def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
+    """Load, warm up, time one system; return its row (status ok / skipped / failed)."""
+    spec = SYSTEMS[name]
+    log, opts = ctx.log, ctx.opts
+    row: dict = {"system": name, "description": spec.description, "status": "ok",
+                 "budget_gib": ctx.budget / GiB if spec.budgeted else None, "notes": []}
+    if spec.needs_cuda and not ctx.cuda:
+        return {**row, "status": "skipped", "reason": "needs CUDA (no GPU visible to torch)"}
+    if spec.needs_hybrid and ctx.hybrid_dir is None:
+        return {**row, "status": "skipped", "reason": "the model is not a hybrid model directory (hybrid.json)"}
+    n_new = opts.slow_new_tokens if name == "hf-offload" else opts.new_tokens
+    if n_new != opts.new_tokens:
+        row["notes"].append(f"{n_new} new tokens instead of {opts.new_tokens} (~1 tok/s system)")
+    free_memory(ctx.cuda)
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    log(f"--- {name}: {spec.description}")
+    t0 = time.perf_counter()
+    runner = None
+    try:
+        runner, info, lim = BUILDERS[name](ctx)
+        row["load_s"] = round(time.perf_counter() - t0, 2)
+        row["info"] = info
+        log(f"{name}: loaded in {row['load_s']:.1f} s; {json.dumps({k: v for k, v in info.items() if k != 'device_map'})}")
+        spent = time.perf_counter() - t0
+        cap = max(10.0, (budget_s if budget_s is not None else ctx.log.remaining()) - spent - 5.0)
+        results, note = _time_runs(runner, ctx, name, n_new, opts.runs, cap)
+        if note:
+            row["notes"].append(note)
+        row.update(_summarise(results))
+        row["new_tokens"] = n_new
+        row["limit"] = asdict(lim)
+        row["limit_tps"] = lim.tps
+        row["achieved_of_limit"] = row["decode_tps"] / lim.tps if lim.tps else None
+        if ctx.reference_tokens is None and name in ("dense-gpu", "dense-cpu"):
+            ctx.reference_tokens = results[0].tokens
+        row["same_tokens_as_dense"] = _agreement(results[0].tokens, ctx.reference_tokens)
+        if opts.profile_time and name in ("hybrid", "hybrid-cpu") and hasattr(runner, "lm"):
+            prof = PhaseProfiler(runner.lm.model, ctx.cuda)
+            row["profile_time"] = prof.run(runner.lm.model, ctx.prompt, opts.profile_tokens, runner.lm.device)
+            log(format_profile(row["profile_time"]))
+    except _Skip as e:
+        row.update(status="skipped", reason=str(e))
+    except UserError as e:
+        row.update(status="failed", reason=str(e))
+    except Exception as e:  # one system failing must not stop the others
+        row.update(status="failed", reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        log(traceback.format_exc())
+    finally:
+        runner = None
+        if ctx.cuda:
+            row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
+        row["cpu_rss_gib"] = _proc_status("VmHWM") or _proc_status("VmRSS")
+        free_memory(ctx.cuda)
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    if row["status"] == "ok":
+        log(f"{name}: decode {row['decode_tps']:.2f} tok/s, prefill {row['prefill_tps']:.1f} tok/s "
+            f"({row['runs']} runs, {row['seconds']:.0f} s)")
+    else:
+        log(f"{name}: {row['status']}: {row.get('reason')}")
+    return row
+
+
+class _Points(list):
+    """A list that reports every appended point (partial results are written as the sweep goes)."""
+
+    def __init__(self, on_point):
+        super().__init__()
+        self.on_point = on_point
+
+    def append(self, p) -> None:
+        super().append(p)
+        if self.on_point:
+            self.on_point(p)
+
+
+def run_sweep(ctx: Ctx, budgets: list[float], main_rows: dict, min_budget: int, on_point=None) -> list[dict]:
+    """Hybrid vs layer offload across GPU budgets: 1 timed run of sweep_new_tokens each."""
+    log, opts = ctx.log, ctx.opts
+    points = _Points(on_point)
+    saved = (ctx.budget, opts.new_tokens, opts.runs, opts.profile_time)
+    try:
+        opts.new_tokens, opts.runs, opts.profile_time = opts.sweep_new_tokens, 1, False
+        for b in budgets:
+            for name in ("hybrid", "dense-offload"):
+                key = {"budget_gib": b, "system": name}
+                main = main_rows.get(name)
+                if main and main.get("status") == "ok" and abs(main["budget_gib"] - b) < 1e-9:
+                    points.append({**key, "decode_tps": main["decode_tps"], "source": "main run"})
+                    continue
+                if name == "hybrid" and b * GiB < min_budget:
+                    points.append({**key, "status": "skipped",
+                                   "reason": f"below the hybrid minimum {min_budget / GiB:.2f} GiB"})
+                    log(f"sweep {b:g} GiB {name}: skipped (below the minimum {min_budget / GiB:.2f} GiB)")
+                    continue
+                if log.remaining() < 40:
+                    points.append({**key, "status": "skipped", "reason": "time budget"})
+                    continue
+                ctx.budget = int(b * GiB)
+                row = run_system(ctx, name, budget_s=min(45.0, log.remaining() - 10))
+                points.append({**key, "status": row["status"], "decode_tps": row.get("decode_tps"),
+                               "reason": row.get("reason"), "source": f"sweep ({opts.sweep_new_tokens} tokens, 1 run)",
+                               "peak_gpu_gib": row.get("peak_gpu_gib")})
+    finally:
+        ctx.budget, opts.new_tokens, opts.runs, opts.profile_time = saved
+    return points
+
+
+# --------------------------------------------------------------------------------------- reporting
+
+
+def _f(v, fmt: str = ".1f", none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return none
+    return format(v, fmt)
+
+
+def speedups(rows: list[dict]) -> dict:
+    ok = {r["system"]: r for r in rows if r.get("status") == "ok"}
+    base = [n for n in ok if SYSTEMS[n].baseline]
+    return {n: {b: ok[n]["decode_tps"] / ok[b]["decode_tps"] for b in base if b != n and ok[b]["decode_tps"]}
+            for n in ok}
+
+
+def format_tables(res: dict, markdown: bool = False) -> str:
+    rows = res["systems"]
+    head = ["system", "budget", "prefill tok/s", "decode tok/s", "ms/token", "peak GPU GiB", "CPU RSS GiB",
+            "limit tok/s", "achieved", "runs", "same tokens"]
+    body = []
+    for r in rows:
+        if r.get("status") != "ok":
+            body.append([r["system"], _f(r.get("budget_gib"), "g"), f"{r['status']}: {r.get('reason', '')}"])
+            continue
+        same = r.get("same_tokens_as_dense")
+        body.append([r["system"], _f(r.get("budget_gib"), "g"), _f(r["prefill_tps"]), _f(r["decode_tps"], ".2f"),
+                     _f(r["ms_per_token"], ".2f"), _f(r.get("peak_gpu_gib"), ".2f"), _f(r.get("cpu_rss_gib"), ".2f"),
+                     _f(r.get("limit_tps")), _f(100 * r["achieved_of_limit"] if r.get("achieved_of_limit") else None,
+                                                ".0f") + ("%" if r.get("achieved_of_limit") else ""),
+                     str(r["runs"]), "-" if same is None else f"{same}/{r['new_tokens']}"])
+    sp = res.get("speedups", {})
+    bases = sorted({b for v in sp.values() for b in v}, key=list(SYSTEMS).index)
+    sp_head = ["decode speedup"] + [f"vs {b}" for b in bases]
+    sp_body = [[n] + [_f(sp[n].get(b), ".2f") + "x" if sp[n].get(b) else "-" for b in bases] for n in sp]
+    out = [_table(head, body, markdown)]
+    if bases:
+        out += ["", _table(sp_head, sp_body, markdown)]
+    lim_head = ["system", "GPU MB/token", "CPU MB/token", "H2D MB/token", "limit ms/token", "limit model"]
+    lim_body = [[r["system"], _f(r["limit"]["gpu_bytes"] / 1e6, ".1f"), _f(r["limit"]["cpu_bytes"] / 1e6, ".1f"),
+                 _f(r["limit"]["h2d_bytes"] / 1e6, ".2f"), _f(r["limit"]["ms"], ".2f"), r["limit"]["model"]]
+                for r in rows if r.get("status") == "ok" and r.get("limit")]
+    if lim_body:
+        out += ["", _table(lim_head, lim_body, markdown)]
+    sweep = res.get("sweep") or []
+    if sweep:
+        budgets = sorted({p["budget_gib"] for p in sweep})
+        sw_body = []
+        for name in ("hybrid", "dense-offload"):
+            vals = {p["budget_gib"]: p for p in sweep if p["system"] == name}
+            sw_body.append([name] + [_f(vals[b].get("decode_tps"), ".2f") if b in vals else "-" for b in budgets])
+        out += ["", _table(["decode tok/s at budget"] + [f"{b:g} GiB" for b in budgets], sw_body, markdown)]
+    return "\n".join(out)
+
+
+def _table(head: list[str], body: list[list[str]], markdown: bool) -> str:
+    """Rows shorter than the header are (name, budget, message) lines: skipped or failed systems."""
+    full = [b for b in body if len(b) == len(head)]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(b + [""] * (len(head) - len(b))) + " |" for b in body]
+        return "\n".join(lines)
+    widths = [max([len(head[i])] + [len(b[i]) for b in full]) for i in range(len(head))]
+    widths[0] = max([widths[0]] + [len(b[0]) for b in body])
+
+    def row(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines = [row(head)]
+    for b in body:
+        lines.append(row(b) if len(b) == len(head) else
+                     b[0].ljust(widths[0]) + "  " + b[1].rjust(widths[1]) + "  " + "  ".join(b[2:]))
+    return "\n".join(lines)
+
+
+def checks(res: dict) -> list[str]:
+    """The issue's targets, where this run measured both sides."""
+    ok = {r["system"]: r for r in res["systems"] if r.get("status") == "ok"}
+    out = []
+
+    def ratio(a, b):
+        return ok[a]["decode_tps"] / ok[b]["decode_tps"]
+    if "hybrid" in ok and "dense-offload" in ok:
+        out.append(f"hybrid vs dense layer offload at the same budget: {ratio('hybrid', 'dense-offload'):.2f}x "
+                   "(targets vs llama.cpp at the same budget: >= 4.5x, goal >= 8x)")
+    if "hybrid" in ok and ok["hybrid"].get("achieved_of_limit"):
+        out.append(f"hybrid decode at {100 * ok['hybrid']['achieved_of_limit']:.0f}% of its physical limit "
+                   "(target >= 60%)")
+    if "hybrid-gpu" in ok and "dense-gpu" in ok:
+        out.append(f"hybrid fully on the GPU vs this engine dense on the GPU: {ratio('hybrid-gpu', 'dense-gpu'):.2f}x "
+                   "(target vs dense llama.cpp on the GPU: >= 2x)")
+    if "dense-gpu" in ok and "hf-gpu" in ok:
+        out.append(f"this engine dense on the GPU vs transformers generate: {ratio('dense-gpu', 'hf-gpu'):.2f}x")
+    if "hybrid" in ok and "hybrid-gpu" in ok:
+        out.append(f"hybrid at the budget reaches {100 * ratio('hybrid', 'hybrid-gpu'):.0f}% of hybrid fully on the GPU")
+    return out
+
+
+def device_info(cuda: bool) -> dict:
+    import transformers
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    try:
+        import numba
+        info["numba_threads"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    try:
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                            if line.startswith("model name")), platform.processor())
+        info["ram_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 ** 2, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(p.total_memory / GiB, 1),
+                    cuda=torch.version.cuda)
+    return info
+
+
+def result_stem(res: dict) -> str:
+    dev = res["device"].get("gpu") or "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+    return f"{slug}-{res['date']}"
+
+
+def write_results(res: dict, out_dir: Path, stem: str, final: bool, log: BenchLog) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res["log"] = log.lines[-2000:]
+    res["notes"] = log.notes
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "log": out_dir / f"{stem}.log"}
+    tmp = paths["json"].with_name(paths["json"].name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    tmp.replace(paths["json"])
+    paths["md"].write_text(format_markdown(res))
+    paths["log"].write_text("\n".join(log.lines) + "\n")
+    if final:
+        png = out_dir / f"{stem}.png"
+        msg = write_plot(res, png)
+        if msg:
+            log(msg)
+        else:
+            paths["png"] = png
+    return paths
+
+
+def format_model(m: dict) -> str:
+    """The model's record as a few lines: shape, measured sparsity, predictors, pipeline settings."""
+    if "synthetic" not in m:
+        return f"model: {m.get('name')} ({m.get('path')})"
+    sy, pr, pd, pp = m["synthetic"], m["profile"], m["predictors"], m["pipeline"]
+    b = m["build"]
+    n_params = 2 * sy["vocab_size"] * sy["dim"] + sy["n_layers"] * (4 * sy["dim"] ** 2 + 3 * sy["dim"] * sy["ffn_dim"])
+    lines = [
+        f"- {m['name']}: d={sy['dim']}, f={sy['ffn_dim']}, {sy['n_layers']} layers, {sy['n_heads']} heads, vocab "
+        f"{sy['vocab_size']}, {n_params / 1e9:.2f} B parameters, fp16 (bf16-representable), act={sy['act']}; seed "
+        f"{sy['seed']}; {'reused from an earlier build' if m.get('reused') else 'built in this run'} ({m['path']})",
+        f"- sparsity: target {100 * (1 - sy['mean_density']):.1f}%; on the calibration text {100 * b['calibration_sparsity']:.1f}%; "
+        f"measured by the profile on {pr['tokens']} other tokens {100 * pr['sparsity']:.1f}%",
+        f"- frequency skew (profile): top 10% of neurons serve {100 * pr['top10']:.1f}% of activations, top 20% "
+        f"{100 * pr['top20']:.1f}%, top 50% {100 * pr['top50']:.1f}%; never-active neurons: {pr['dead']} "
+        f"(log-normal sigma {sy['freq_sigma']}, latent dim {sy['latent_dim']}, noise {sy['noise']})",
+        f"- predictors (project pipeline, time-budget settings: {pp['samples_per_layer']} samples/layer from "
+        f"{pp['profile_tokens']} profiled tokens, fixed rank {pd['rank']}, {pd['max_epochs']} epochs, input "
+        f"{pd['input']}): test recall {pd['recall']:.3f}, precision {pd['precision']:.3f}, predicted density "
+        f"{pd['pred_density']:.3f} vs true {pd['true_density']:.3f} "
+        f"({pd['pred_density'] / max(pd['true_density'], 1e-9):.2f}x); {pd['params'] / 1e6:.1f} M parameters",
+        "- pipeline phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in m.get("pipeline_phases_s", {}).items()),
+    ]
+    return "\n".join(lines)
+
+
+def format_markdown(res: dict) -> str:
+    s = res.get("settings", {})
+    m = res.get("model", {})
+    lines = [f"# Benchmark: {m.get('name', '?')} on {res['device'].get('gpu', 'CPU')} ({res['date']})", "",
+             f"Prompt {s.get('prompt_tokens')} tokens, {s.get('new_tokens')} generated, batch 1, greedy, EOS ignored; "
+             f"warm-up excluded; median of up to {s.get('runs')} runs; GPU budget {s.get('gpu_memory')}. "
+             f"{'Complete.' if res.get('complete') else 'PARTIAL (written while running).'}", "",
+             format_tables(res, markdown=True), "",
+             "\"same tokens\": generated tokens equal to the dense engine's before the first difference. The "
+             "synthetic model's logits are random, with tiny top-1 margins: the approximate predictor mode diverges "
+             "within a few tokens there, so this column checks the dense/exact systems, not the hybrid's quality.",
+             ""]
+    if res.get("checks"):
+        lines += ["## Targets (issue 7)", ""] + [f"- {c}" for c in res["checks"]] + [""]
+    bw = res.get("bandwidth") or {}
+    if bw:
+        lines += ["## Bandwidths measured in this run", ""] + [f"- {k}: {_f(v, '.1f') if isinstance(v, float) else v}"
+                                                             for k, v in bw.items()] + [""]
+    if m:
+        lines += ["## Model", "", format_model(m), ""]
+        if m.get("construction"):
+            lines += ["Construction of the synthetic model (bench/synthetic.py):", "", m["construction"], ""]
+    prof = [r for r in res["systems"] if r.get("profile_time")]
+    for r in prof:
+        lines += [f"## Decode time breakdown ({r['system']})", "", "```", format_profile(r["profile_time"]), "```", ""]
+    notes = [f"- {r['system']}: {n}" for r in res["systems"] for n in r.get("notes", [])] + \
+            [f"- {n}" for n in res.get("notes", [])]
+    if notes:
+        lines += ["## Notes", ""] + notes + [""]
+    lines += ["## Reference figures (issue 7: H100 machine, 7B shape, random weights; NOT this run)", ""] + \
+             [f"- {k}: {v} tok/s" for k, v in REFERENCE_FIGURES.items()] + [""]
+    if res.get("phases"):
+        lines += ["## Where the time went", ""] + [f"- {k}: {v:.1f} s" for k, v in res["phases"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_plot(res: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    ok = [r for r in res["systems"] if r.get("status") == "ok"]
+    sweep = [p for p in res.get("sweep") or [] if p.get("decode_tps")]
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = [r["system"] + (f"\n{r['budget_gib']:g} GiB" if r.get("budget_gib") else "") for r in ok]
+    ax.bar(names, [r["decode_tps"] for r in ok], color=["tab:orange" if "hybrid" in r["system"] else "tab:blue"
+                                                        for r in ok])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{res.get('model', {}).get('name', '')}: decode, batch 1")
+    ax.tick_params(axis="x", labelsize=7)
+    if sweep:
+        ax2 = axes[0][1]
+        for name, color in (("hybrid", "tab:orange"), ("dense-offload", "tab:blue")):
+            pts = sorted((p["budget_gib"], p["decode_tps"]) for p in sweep if p["system"] == name)
+            if pts:
+                ax2.plot(*zip(*pts), marker="o", label=name, color=color)
+        ax2.set_xlabel("GPU budget (GiB)")
+        ax2.set_ylabel("decode tokens/s")
+        ax2.set_title("tokens/s vs GPU budget")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def _prewarm(cuda: bool, log: BenchLog) -> threading.Thread:
+    """Compile the Numba kernels (and JIT-build the CUDA extension) in the background while the
+    model is built: their first-use cost stays out of the pipeline's critical path."""
+    def work():
+        t0 = time.perf_counter()
+        try:
+            from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows
+            w = torch.randn(8, 64).to(torch.bfloat16)
+            ffn = ColdFFN(ColdRows.from_torch(w, w, w, fmt="bf16"), "relu")
+            x = np.random.rand(64).astype(np.float32)
+            ffn.decode(x, np.arange(8, dtype=np.int32), np.empty(64, np.float32))
+            ffn.batch(np.random.rand(2, 64).astype(np.float32), np.arange(8, dtype=np.int32),
+                      np.empty((2, 64), np.float32))
+            _parallel_sum(np.ones(16, np.float32))
+            msg = f"prewarm: Numba kernels ready in {time.perf_counter() - t0:.1f} s"
+            if cuda:
+                from hybrid_runtime import kernels
+                kernels.cuda_kernels_ready()
+                msg += f"; {kernels.kernel_status()} ({time.perf_counter() - t0:.1f} s)"
+            log(msg)
+        except Exception as e:  # reported; the systems will hit (and report) the same problem
+            log(f"prewarm failed: {type(e).__name__}: {e}")
+    th = threading.Thread(target=work, name="bench-prewarm", daemon=True)
+    th.start()
+    return th
+
+
+def _resolve_model(opts: BenchOptions, cuda: bool, log: BenchLog, phases: dict):
+    """-> (model record, hf_dir, dense_dir, hybrid_dir, prompt ids, predictor precision)."""
+    from bench.synthetic import SHAPES, prepare_bench_model, prompt_token_ids, shape_configs
+    name = opts.model
+    if name == "auto":
+        name = SYNTHETIC_PREFIX + ("7b" if cuda else "small")
+    if name.startswith(SYNTHETIC_PREFIX):
+        shape = name[len(SYNTHETIC_PREFIX):]
+        if shape not in SHAPES:
+            raise UserError(f"--model {name}: unknown synthetic shape (choose from "
+                            f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}, or a model directory)")
+        syn, pipe = shape_configs(shape, seed=opts.seed, **opts.pipeline)
+        log(f"model: synthetic {shape} (d={syn.dim}, f={syn.ffn_dim}, {syn.n_layers} layers, "
+            f"{syn.n_params() / 1e9:.2f} B params); pipeline {asdict(pipe)}")
+
+        def on_phase(n, s):
+            phases[f"model: {n}"] = s
+            log(f"model: {n} done in {s:.1f} s")
+        bm = prepare_bench_model(syn, pipe, Path(opts.work), "cuda" if cuda else "cpu", rebuild=opts.rebuild,
+                                 progress=False, on_phase=on_phase)
+        man = bm.manifest
+        prompt = prompt_token_ids(opts.prompt_tokens, syn.vocab_size, opts.seed)
+        record = {"name": name, "path": str(bm.work), "synthetic": man["synthetic"], "pipeline": man["pipeline"],
+                  "construction": man["construction"], "build": man["build"],
+                  "profile": {k: v for k, v in man["profile"].items() if k != "layers"},
+                  "predictors": {k: v for k, v in man["predictors"].items() if k != "per_layer"},
+                  "pipeline_phases_s": man["phases"], "reused": "model: build+calibrate" not in phases}
+        return record, bm.hf_dir, bm.hf_dir, bm.hybrid_dir, prompt, man["predictors"]["precision"]
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {name}: not a model directory (no config.json) and not one of "
+                        f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}")
+    from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
+    from hybrid_runtime.loading import load_tokenizer
+    hybrid_dir, hf_dir, precision = None, path, None
+    if is_hybrid_dir(path):
+        meta = read_hybrid_meta(path)
+        hybrid_dir = path
+        src = Path(meta.raw.get("source_model", ""))
+        hf_dir = src if (src / "config.json").is_file() else None
+        layers = meta.raw.get("layers") or []
+        precs = [lay["precision"] for lay in layers if isinstance(lay, dict) and "precision" in lay]
+        precision = float(np.mean(precs)) if precs else None
+        if hf_dir is None:
+            log.note(f"the hybrid directory's source checkpoint {src} is not here: transformers systems are skipped, "
+                     "the dense engine loads the hybrid directory")
+    tok = load_tokenizer(path)
+    ids = tok(PROMPT_TEXT * (1 + opts.prompt_tokens // 40), add_special_tokens=True).input_ids[:opts.prompt_tokens]
+    record = {"name": path.name, "path": str(path)}
+    return record, hf_dir, hf_dir or path, hybrid_dir, ids, precision
+
+
+def hybrid_min_budget(hybrid_dir: Path, context: int) -> int:
+    """GPU bytes the hybrid needs before any FFN neuron (the placement solver's fixed part)."""
+    from hybrid_runtime.hybrid_format import read_hybrid_meta
+    from hybrid_runtime.loading import load_config
+    from hybrid_runtime.placement import ModelShape, solve_placement
+    from hybrid_runtime.session import WORKSPACE_BYTES
+    cfg = load_config(hybrid_dir)
+    meta = read_hybrid_meta(hybrid_dir)
+    pred = meta.predictors_file.stat().st_size // cfg.n_layers // 2 if meta.predictors_file else 0
+    p = solve_placement(ModelShape.from_config(cfg), [np.zeros(cfg.ffn_dim)] * cfg.n_layers, 2 ** 62,
+                        context=context, predictor_bytes=pred, workspace_bytes=WORKSPACE_BYTES)
+    return int(sum(p.fixed_bytes.values()))
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """The whole benchmark; returns the results dict (also written to opts.out)."""
+    from hybrid_runtime.placement import parse_size
+    from hybrid_runtime.session import set_threads
+    log = BenchLog(opts.time_budget_s)
+    cuda = torch.cuda.is_available()
+    for name, v, lo in (("--prompt-tokens", opts.prompt_tokens, 2), ("--new-tokens", opts.new_tokens, 2),
+                        ("--runs", opts.runs, 1), ("--sweep-new-tokens", opts.sweep_new_tokens, 2)):
+        if v < lo:
+            raise UserError(f"{name} must be >= {lo}, got {v}")
+    systems = parse_systems(opts.systems, cuda)
+    budgets = parse_budgets(opts.sweep)
+    budget = parse_size(opts.gpu_memory)
+    if budget <= 0:
+        raise UserError(f"--gpu-memory must be positive, got {opts.gpu_memory!r}")
+    if opts.cold_format not in ("auto", "bf16", "fp16", "int8"):
+        raise UserError(f"--cold-format must be auto, bf16, fp16 or int8, got {opts.cold_format!r}")
+    set_threads(opts.threads)
+    if opts.model.startswith(SYNTHETIC_PREFIX) or opts.model == "auto":
+        from bench.synthetic import SHAPES
+        shape = opts.model[len(SYNTHETIC_PREFIX):] if opts.model != "auto" else ("7b" if cuda else "small")
+        if shape not in SHAPES:
+            raise UserError(f"--model {opts.model}: unknown synthetic shape (choose from "
+                            f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}, or a model directory)")
+    log(f"bench: systems {', '.join(systems)}; budget {budget / GiB:g} GiB; prompt {opts.prompt_tokens}, "
+        f"new {opts.new_tokens}, runs {opts.runs}; time budget {opts.time_budget_s:.0f} s; CUDA {cuda}")
+    if not cuda:
+        skipped = [s for s in systems if SYSTEMS[s].needs_cuda]
+        if skipped:
+            log(f"no CUDA: skipping the GPU systems ({', '.join(skipped)}); the CPU systems still run")
+    phases: dict[str, float] = {}
+    date = time.strftime("%Y-%m-%d")
+    res: dict = {"format": "hybrid-bench-results", "version": 1, "date": date, "complete": False,
+                 "device": device_info(cuda), "systems": [], "phases": phases,
+                 "settings": {k: v for k, v in asdict(opts).items()}}
+    out_dir = Path(opts.out)
+    stem = result_stem(res)
+    if (out_dir / f"{stem}.json").exists() and not opts.force:
+        stem += time.strftime("-%H%M%S")
+    prewarm = _prewarm(cuda, log)
+    try:
+        return _run(opts, log, cuda, systems, budgets, budget, phases, res, stem, prewarm)
+    finally:
+        prewarm.join(timeout=60)   # an early error: let the background compile finish quietly
+
+
+def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budgets: list[float], budget: int,
+         phases: dict, res: dict, stem: str, prewarm: threading.Thread) -> dict:
+    out_dir = Path(opts.out)
+    t = time.perf_counter()
+    record, hf_dir, dense_dir, hybrid_dir, prompt, precision = _resolve_model(opts, cuda, log, phases)
+    phases["model total"] = round(time.perf_counter() - t, 2)
+    res["model"] = record
+    from hybrid_runtime.loading import load_config
+    cfg = load_config(dense_dir)
+    context = len(prompt) + max(opts.new_tokens, opts.profile_tokens, opts.sweep_new_tokens) + 8
+    budgeted = [s for s in systems if SYSTEMS[s].budgeted]
+    min_budget = hybrid_min_budget(hybrid_dir, context) if hybrid_dir is not None else 0
+    if budgeted and "hybrid" in budgeted and budget < min_budget:
+        raise UserError(f"--gpu-memory {opts.gpu_memory} is below the minimum for the hybrid on this model: "
+                        f"{math.ceil(min_budget / GiB * 100) / 100:.2f} GiB (embeddings, lm_head, attention, KV cache, "
+                        "predictors, workspace)")
+    if budgeted and budget < offload_layers_min(cfg):
+        raise UserError(f"--gpu-memory {opts.gpu_memory} is below the minimum for layer offload on this model: "
+                        f"{math.ceil(offload_layers_min(cfg) / GiB * 100) / 100:.2f} GiB (embeddings, lm_head, workspace)")
+
+    t = time.perf_counter()
+    prewarm.join()
+    phases["wait for prewarm"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    bw = {"cpu_read_GBps": measure_cpu_read_bw(1 * GiB if cuda else 128 * 1024 ** 2)}
+    bw["cpu_read_buffer_bytes"] = 1 * GiB if cuda else 128 * 1024 ** 2
+    if cuda:
+        bw.update(measure_gpu_bw(1 * GiB))
+        free_memory(True)
+    mv = measure_cpu_matvec(cfg.dim, cfg.ffn_dim, 640 * 1024 ** 2 if cuda else 32 * 1024 ** 2)
+    bw.update({f"cpu_matvec_{k}_GBps": v for k, v in mv.items()})
+    cpu_dtype, cpu_gbps = pick_cpu_dtype(mv)
+    bw["dense_cpu_dtype"] = cpu_dtype
+    phases["bandwidths"] = round(time.perf_counter() - t, 2)
+    res["bandwidth"] = bw
+    write_results(res, out_dir, stem, final=False, log=log)
+    log("bandwidths: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in bw.items()))
+    log(f"dense CPU path: torch {cpu_dtype} matvec ({cpu_gbps:.1f} GB/s; "
+        + ", ".join(f"{k} {_f(v)} GB/s" for k, v in mv.items()) + ") -> CPU layers of dense-offload/dense-cpu in "
+        + cpu_dtype)
+
+    ctx = Ctx(opts, log, cuda, torch.device("cuda" if cuda else "cpu"), hf_dir, dense_dir, hybrid_dir, prompt,
+              context, budget, bw, cpu_dtype, precision, cfg)
+    rows = res["systems"]
+    for i, name in enumerate(systems):
+        if log.remaining() < 15:
+            rows.append({"system": name, "description": SYSTEMS[name].description, "status": "skipped",
+                         "reason": "time budget exhausted", "budget_gib": budget / GiB if SYSTEMS[name].budgeted else None,
+                         "notes": []})
+            log(f"{name}: skipped (time budget exhausted)")
+            continue
+        t = time.perf_counter()
+        share = (log.remaining() - 10) / (len(systems) - i)    # slow systems may use more than an equal share
+        rows.append(run_system(ctx, name, budget_s=max(30.0, 1.6 * share)))
+        phases[f"system {name}"] = round(time.perf_counter() - t, 2)
+        res["speedups"] = speedups(rows)
+        res["checks"] = checks(res)
+        write_results(res, out_dir, stem, final=False, log=log)
+    if budgets and cuda and any(s in systems for s in ("hybrid", "dense-offload")):
+        t = time.perf_counter()
+        main = {r["system"]: r for r in rows}
+        res["sweep"] = []
+
+        def on_point(p):
+            res["sweep"].append(p)
+            write_results(res, out_dir, stem, final=False, log=log)
+        run_sweep(ctx, budgets, main, min_budget, on_point)
+        phases["sweep"] = round(time.perf_counter() - t, 2)
+    elif budgets and not cuda:
+        log("sweep skipped: needs CUDA")
+    res["speedups"] = speedups(rows)
+    res["checks"] = checks(res)
+    res["complete"] = True
+    phases["total"] = round(log.elapsed(), 2)
+    paths = write_results(res, out_dir, stem, final=True, log=log)
+    table = format_tables(res)
+    print(format_model(res["model"]))
+    print(table)
+    for c in res["checks"]:
+        print("check: " + c)
+    log("results: " + ", ".join(str(p) for p in paths.values()))
+    res["paths"] = {k: str(v) for k, v in paths.items()}
+    res["table"] = table
+    return res
+
+
+def offload_layers_min(cfg, wbytes: int = 2) -> int:
+    from hybrid_runtime.session import WORKSPACE_BYTES
+    return cfg.vocab_size * cfg.dim * wbytes * (1 if cfg.tie_embeddings else 2) + WORKSPACE_BYTES
+
+
+if __name__ == "__main__":
+    from bench.cli_bench import bench
+    from hybrid_runtime.errors import console_main
+    console_main(bench)
