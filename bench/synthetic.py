@@ -62,7 +62,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hybrid_runtime.errors import UserError  # noqa: E402
+from hybrid_runtime.errors import UserError, log  # noqa: E402
 
 MANIFEST = "bench_model.json"
 MANIFEST_VERSION = 1
@@ -161,8 +161,6 @@ def shape_configs(shape: str, seed: int = 0, **overrides) -> tuple[SyntheticConf
     return syn, pipe
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- text and tokenizer

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from hybrid_runtime.errors import UserError, prepare_output_dir
+from hybrid_runtime.errors import UserError, log, prepare_output_dir
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def read_profile(profile_dir: Path) -> tuple[dict, list[np.ndarray]]:

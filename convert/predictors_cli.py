@@ -3,29 +3,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import click
 
-from hybrid_runtime.errors import UserError, prepare_output_dir
+from hybrid_runtime.errors import UserError, log, prepare_output_dir
 
 METRICS_FORMAT = "hybrid-predictor-metrics"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    return device
+    from hybrid_runtime.session import pick_device
+    return str(pick_device(device))
 
 
 # ----------------------------------------------------------------------------- profile

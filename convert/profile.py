@@ -48,7 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hybrid_runtime.errors import UserError, prepare_output_dir
+from hybrid_runtime.errors import UserError, log, prepare_output_dir
 from predictors.samples import SampleWriter
 
 FORMAT_NAME = "hybrid-profile"
@@ -75,8 +75,6 @@ class ProfileConfig:
     progress: bool = True
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- activity definitions

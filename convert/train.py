@@ -119,15 +119,8 @@ def build_llama(spec: LlamaSpec, tokenizer=None, seed: int = 0) -> nn.Module:
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda if available else cpu; otherwise as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device: '{device}' is not a device (use auto, cpu, cuda, cuda:N)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return d
+    from hybrid_runtime.session import pick_device
+    return pick_device(device)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -7,14 +7,18 @@ import sys
 
 import click
 
-from hybrid_runtime.errors import UserError, console_main
+from hybrid_runtime.errors import console_main, log
 from hybrid_runtime.generate import SamplingParams
 
 PLAIN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}Assistant:"
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+
+
+def emit(text: str) -> None:
+    """Stream generated text to stdout as it is produced."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def model_options(f):
@@ -89,11 +93,6 @@ def generate(params, prompt, **model_kw):
     lm = _open(**model_kw)
     ids = lm.tokenizer(prompt, add_special_tokens=True).input_ids
     gen = lm.generator()
-
-    def emit(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     result = gen.generate(ids, params, on_text=emit)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -143,10 +142,6 @@ def chat(params, system, **model_kw):
             history.pop()
             log(f"error: the conversation is {len(ids)} tokens, over the context of {lm.context}; /reset to start over")
             continue
-
-        def emit(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
 
         result = gen.generate(ids, params, on_text=emit)
         sys.stdout.write("\n")

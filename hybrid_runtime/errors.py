@@ -14,6 +14,11 @@ from pathlib import Path
 import click
 
 
+def log(msg: str) -> None:
+    """A log line on stderr (stdout is for the product's output, e.g. generated text)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 class UserError(Exception):
     """Bad input: shown to the user as a single line, exit code 2."""
 

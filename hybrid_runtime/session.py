@@ -10,7 +10,7 @@ import torch
 
 from collections.abc import Callable
 
-from hybrid_runtime.errors import UserError
+from hybrid_runtime.errors import UserError, log
 from hybrid_runtime.generate import Generator
 from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
 from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, read_config, resolve_model
@@ -37,7 +37,7 @@ def pick_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {name!r} (use cpu or cuda)")
+        raise UserError(f"--device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but CUDA is not available on this machine "
                         "(no GPU, or torch was built without CUDA); use --device cpu")
@@ -75,8 +75,6 @@ MODES = ("predictor", "exact", "dense")
 WORKSPACE_BYTES = 512 * 1024 ** 2  # activations, cuBLAS workspace, allocator slack
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def open_model(name: str | None, device: str | None = None, dtype: str | None = None,
