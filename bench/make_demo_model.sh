@@ -62,9 +62,18 @@ DATA=(); for f in "${FILES[@]}"; do DATA+=(--data "$f"); done
 # 2. The project's pipeline: profile 1M train-split tokens (neuron frequencies + 65536 (x, mask)
 #    samples per layer), train one low-rank predictor per layer (recall target 0.95, ranks up to 10%
 #    of the FFN's parameters), pack the hybrid model directory (neurons sorted by frequency).
+#    The profile is made first, in float32: `all` has no --dtype, and by default the CPU runs a
+#    float16 checkpoint as bfloat16 (the hybrid runtime computes in float32 on the CPU). `all`
+#    then reuses it; the predictors directory is cleared so that they are trained on this profile.
+#    --force on `all` replaces models/demo: the model card is kept aside and put back.
+hybrid-convert profile --model "$MODEL" "${DATA[@]}" --tokens 1000000 --samples-per-layer 65536 \
+    --block-len 512 --dtype float32 --device cpu --out "$WORK/profile" --force
+rm -rf -- "$WORK/predictors"
+CARD=$(mktemp); [ -f models/demo/README.md ] && cp models/demo/README.md "$CARD"
 hybrid-convert all --model "$MODEL" "${DATA[@]}" --out models/demo --work-dir "$WORK" \
     --tokens 1000000 --samples-per-layer 65536 --block-len 512 --recall-target 0.95 --ranks auto \
     --max-epochs 50 --device cpu --force
+[ -s "$CARD" ] && cp "$CARD" models/demo/README.md; rm -f "$CARD"
 cp "$WORK/profile/profile.json" bench/results/demo_profile.json
 cp "$WORK/predictors/predictor_metrics.json" bench/results/demo_predictor_metrics.json
 

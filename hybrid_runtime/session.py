@@ -51,6 +51,8 @@ def set_threads(threads: int | None) -> None:
     if not 1 <= threads <= cores:
         raise UserError(f"--threads must be between 1 and {cores} (the cores of this machine), got {threads}")
     torch.set_num_threads(threads)
+    import numba
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # the cold-neuron kernels
 
 
 @dataclass
