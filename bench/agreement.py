@@ -63,18 +63,22 @@ def main() -> None:
     p.add_argument("--dtype", default="auto",
                    help="Run dtype of all modes (auto: float32 on the CPU, the checkpoint's on CUDA).")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice).")
+    p.add_argument("--cold-format", choices=["bf16", "fp16", "int8"], default=None,
+                   help="CPU storage of cold rows in the hybrid modes (int8: measures the quantization cost).")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     t0 = time.time()
     params = SamplingParams(max_new_tokens=a.tokens)
     exact = open_model(a.model, mode="exact", device=a.device, threads=a.threads,
                        dtype=None if a.dtype == "auto" else a.dtype,
-                       hot_fraction=a.hot_fraction, gpu_memory=a.gpu_memory)
+                       hot_fraction=a.hot_fraction, gpu_memory=a.gpu_memory, cold_format=a.cold_format)
     dtype = str(exact.dtype).replace("torch.", "")  # the hybrid modes' choice under auto
-    common = dict(device=a.device, dtype=dtype, hot_fraction=a.hot_fraction, gpu_memory=a.gpu_memory)
+    common = dict(device=a.device, dtype=dtype, hot_fraction=a.hot_fraction, gpu_memory=a.gpu_memory,
+                  cold_format=a.cold_format)
     dense = open_model(a.model, mode="dense", device=a.device, dtype=dtype)
     runs = {"predictor": open_model(a.model, mode="predictor", **common), "exact": exact}
     results = {"model": str(dense.path), "device": str(dense.device), "dtype": dtype,
+               "cold_format": a.cold_format or "checkpoint's 16-bit type",
                "threads": torch.get_num_threads(), "context": dense.context, "tokens": a.tokens, "prompts": []}
     totals = {m: {"tf_agree": 0, "free_agree": 0, "n": 0} for m in runs}
     for prompt in PROMPTS:
