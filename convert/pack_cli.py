@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import click
@@ -86,11 +87,14 @@ def pack_cmd(model, profile_dir, predictors_dir, out_dir, force):
 @click.option("--baseline-layers", default="none", show_default=True,
               help="Layers to compare against the scikit-learn baselines (as in train-predictors).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True,
+              help="Dtype of the model while profiling: auto, float32, bfloat16, float16 (float32 on the CPU "
+                   "profiles exactly what the CPU runtime computes).")
 @click.option("--work-dir", default=None, help="Where intermediate results go (default: OUT.work); reused on rerun.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 @click.pass_context
 def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_len, recall_target, ranks,
-            max_epochs, baseline_layers, device, work_dir, force):
+            max_epochs, baseline_layers, device, dtype, work_dir, force):
     """profile -> train-predictors -> pack, for a model that is already ReLU. Rerun to resume."""
     from convert.predictors_cli import profile_cmd, train_predictors_cmd
     out = Path(out_dir)
@@ -103,8 +107,11 @@ def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_le
     else:
         log(f"[1/3] profile -> {prof_dir}")
         ctx.invoke(profile_cmd, model=model, data_files=data_files, tokens=tokens, out_dir=str(prof_dir),
-                   samples_per_layer=samples_per_layer, block_len=block_len, device=device,
+                   samples_per_layer=samples_per_layer, block_len=block_len, device=device, dtype=dtype,
                    resume=prof_dir.is_dir() and any(prof_dir.iterdir()))
+        if pred_dir.exists():  # predictors trained on an older profile are stale
+            log(f"      removing predictors trained on an earlier profile: {pred_dir}")
+            shutil.rmtree(pred_dir)
     if (pred_dir / "predictors.safetensors").is_file():
         log(f"[2/3] train-predictors: reusing {pred_dir}")
     else:
