@@ -39,12 +39,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+def heldout_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
     """Mean next-token cross-entropy (nats) over all predicted tokens of `blocks` (N, T)."""
     device = _model_device(model)
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for i in range(0, blocks.shape[0], batch_size):
+    for i in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress, dynamic_ncols=True):
         x = blocks[i:i + batch_size].to(device)  # (b, T)
         with _autocast(device):
             out = model(input_ids=x, labels=x, use_cache=False)
@@ -133,26 +133,17 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, sparsi
     act, threshold = model_activation(model)
     relu_family = act in RELU_FAMILY
     want_cett = sparsity in ("cett", "both") or (sparsity == "auto" and not relu_family)
-    device = _model_device(model)
     model.eval()
     n_tokens = blocks.numel()
     stride = max(1, n_tokens // max(cett_tokens, 1))
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     rec = ActivationRecorder(model)
     sampler = _SampleRecorder(model, stride, cett_tokens)
     with rec, (sampler if want_cett else contextlib.nullcontext()):
-        for i in tqdm(range(0, blocks.shape[0], batch_size), desc="eval", disable=not progress,
-                      dynamic_ncols=True):
-            x = blocks[i:i + batch_size].to(device)  # (b, T)
-            with _autocast(device):
-                out = model(input_ids=x, labels=x, use_cache=False)
-            n = x.shape[0] * (x.shape[1] - 1)
-            total += out.loss.double() * n
-            count += n
-    loss = (total / count).item()
+        loss = heldout_loss(model, blocks, batch_size, progress)
     exact = rec.sparsity_per_layer().tolist()
     result = {
-        "loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "predicted_tokens": count,
+        "loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens,
+        "predicted_tokens": blocks.shape[0] * (blocks.shape[1] - 1),
         "activation": act, "threshold": threshold,
         "exact_zero": {"mean": sum(exact) / len(exact), "per_layer": exact},
     }
