@@ -109,3 +109,11 @@ def test_missing_predictors_and_unknown_version(packed, tmp_path):
     (bad / "hybrid.json").write_text(json.dumps({**meta, "predictors": "predictors.safetensors"}))
     with pytest.raises(UserError, match="predictors.safetensors: missing"):
         read_hybrid_meta(bad)
+
+
+def test_graphed_hybrid_step_refuses_a_dense_model(packed):
+    """The per-layer CUDA-graph step (GPU-tested in test_gpu_runtime.py) only takes hybrid FFNs."""
+    from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep
+    src, _, _ = packed
+    with pytest.raises(TypeError, match="HybridFFN"):
+        HybridGraphedDecodeStep(load_model(src, dtype=torch.float32), torch.device("cpu"), warmup_pos=0)
