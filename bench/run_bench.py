@@ -36,6 +36,7 @@ Time budget: the script prints timestamped progress, writes the results after ev
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.util
 import json
 import math
@@ -937,12 +938,142 @@ def build_hf(ctx: Ctx, offload: bool = False, device: str = "cuda"):
     return HFRunner(model, input_device), info, _hf_limit(ctx, model)
 
 
+def physical_cores() -> int:
+    """Physical cores (not hyper-threads) from /proc/cpuinfo; os.cpu_count() where that is unreadable."""
+    try:
+        cores, phys = set(), "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                phys = val.strip()
+            elif key == "core id":
+                cores.add((phys, val.strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def llamacpp_gguf(ctx: Ctx) -> Path:
+    """The f16 GGUF of ctx.hf_dir, exported once and cached: beside the checkpoint when it lives in the
+    bench work dir, else under <work>/gguf/. Re-exported when the checkpoint's files change."""
+    from bench.gguf_export import export_gguf
+    hf = ctx.hf_dir.resolve()
+    work = Path(ctx.opts.work).expanduser().resolve()
+    if work in hf.parents:
+        out = hf.parent / "llamacpp" / "model-f16.gguf"
+    else:
+        out = work / "gguf" / f"{hf.name}-{hashlib.sha1(str(hf).encode()).hexdigest()[:10]}-f16.gguf"
+    srcs = sorted(p for p in hf.iterdir() if p.suffix in (".json", ".safetensors"))
+    fingerprint = {"source": str(hf), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in srcs}}
+    stamp = out.with_name(out.name + ".source.json")
+    if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+        ctx.log(f"llama.cpp: reusing {out} ({out.stat().st_size / GiB:.2f} GiB)")
+        return out
+    t0 = time.perf_counter()
+    ctx.log(f"llama.cpp: exporting {hf} to an f16 GGUF at {out}")
+    export_gguf(hf, out, "f16")
+    stamp.write_text(json.dumps(fingerprint))
+    ctx.log(f"llama.cpp: GGUF written in {time.perf_counter() - t0:.1f} s ({out.stat().st_size / GiB:.2f} GiB)")
+    return out
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's Llama: the prompt ids evaluated as one batch (prefill, which
+    ends with the first token's logits), then one llm.eval([token]) per decode step. Greedy = argmax of
+    the last position's logits, read in place (llama_get_logits_ith, which waits for the GPU); EOS is
+    never checked, so every run generates exactly n_new tokens."""
+
+    def __init__(self, llm, info: dict, gpu_free_before_load: int | None):
+        import llama_cpp
+        self.llm, self.info = llm, info
+        self.cuda = gpu_free_before_load is not None
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self.n_vocab = llm.n_vocab()
+        self.gpu_free0 = self.gpu_free_min = gpu_free_before_load
+
+    def _next_token(self) -> int:
+        logits = np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))   # (V,)
+        return int(logits.argmax())
+
+    def generate(self, prompt: list[int], n_new: int) -> RunResult:
+        llm = self.llm
+        llm.reset()                 # the next eval drops the KV cache from position 0
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = self._next_token()
+        t1 = time.perf_counter()
+        tokens = [tok]
+        for _ in range(n_new - 1):
+            llm.eval([tok])
+            tok = self._next_token()
+            tokens.append(tok)
+        t2 = time.perf_counter()
+        if self.cuda:   # device-wide: llama.cpp allocates outside torch, so max_memory_allocated misses it
+            self.gpu_free_min = min(self.gpu_free_min, torch.cuda.mem_get_info()[0])
+            self.info["gpu_used_gib"] = round((self.gpu_free0 - self.gpu_free_min) / GiB, 3)
+        return RunResult(t1 - t0, max(t2 - t1, 1e-9), n_new - 1, len(prompt), tokens)
+
+
 def build_llamacpp(ctx: Ctx, offload: bool = False):
+    """llama.cpp on the same weights: the HF checkpoint exported to an f16 GGUF (bench/gguf_export.py).
+    Whole model on the GPU (n_gpu_layers=-1), or the layer count that fits ctx.budget by the same
+    accounting as dense-offload (llama.cpp puts the LAST N layers on the GPU, and keeps the output
+    matrix on the CPU unless every layer is offloaded, so it uses somewhat less than the budget).
+    llama.cpp's llama architecture computes SiLU(gate) * up whatever the checkpoint's activation: same
+    bytes and FLOPs as ReLU, so a fair dense speed baseline, but its tokens differ from the others'."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise _Skip("llama_cpp is not importable (pip install llama-cpp-python built with CUDA, and gguf)")
     if importlib.util.find_spec("gguf") is None:
         raise _Skip("llama_cpp is importable but the gguf package (to write the f16 GGUF) is not")
-    raise _Skip("llama.cpp runner not implemented in this harness yet (GGUF export of the synthetic model)")
+    if ctx.hf_dir is None:
+        raise _Skip("no HF checkpoint for this model (a hybrid directory whose source is gone) to export to GGUF")
+    import llama_cpp
+    if ctx.cuda and not llama_cpp.llama_supports_gpu_offload():
+        raise _Skip("llama-cpp-python was built without GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on; "
+                    "see bench/build_llamacpp_device.sh)")
+    path = llamacpp_gguf(ctx)
+    cfg = ctx.cfg
+    n_gpu = offload_layers_for_budget(cfg, ctx.budget, ctx.context) if offload else cfg.n_layers
+    n_gpu = n_gpu if ctx.cuda else 0
+    threads = ctx.opts.threads or physical_cores()
+    free0 = torch.cuda.mem_get_info()[0] if ctx.cuda else None
+    llm = llama_cpp.Llama(model_path=str(path), n_gpu_layers=-1 if not offload else n_gpu, n_ctx=ctx.context,
+                          n_batch=max(512, len(ctx.prompt)), n_threads=threads, n_threads_batch=threads,
+                          logits_all=False, flash_attn=ctx.cuda, verbose=False)
+    act = getattr(cfg, "act", "silu")
+    info = {"gguf": str(path), "gguf_gib": round(path.stat().st_size / GiB, 3), "dtype": "f16",
+            "n_gpu_layers": n_gpu if offload else -1, "gpu_layers": n_gpu, "cpu_layers": cfg.n_layers - n_gpu,
+            "threads": threads, "flash_attn": ctx.cuda, "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+            "activation": "silu (llama.cpp's llama arch)" + ("" if act == "silu" else f"; the model's is {act}: "
+                                                              "same bytes/FLOPs, different tokens")}
+    if offload:
+        info["budget_gib"] = ctx.budget / GiB
+    note = (f"llama.cpp computes SiLU(gate) * up (its llama architecture has no {act}): the same weight bytes "
+            "and FLOPs per token, so a fair dense decode-speed baseline, but its tokens are not the model's")
+    if act != "silu" and note not in ctx.log.notes:
+        ctx.log.note(note)
+    where = f"{n_gpu} of {cfg.n_layers} layers on the GPU" if ctx.cuda else "CPU only (no CUDA)"
+    ctx.log(f"llama.cpp: {where}, {threads} threads")
+    runner = LlamaCppRunner(llm, info, free0)
+    # bytes per token: f16 weights (one embedding row) + f16 KV cache; GPU layers / GPU bw, the rest / CPU bw
+    per_layer = 2 * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
+                     + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim)
+    out_bytes = 2 * (cfg.vocab_size * cfg.dim + cfg.dim)
+    ctx_avg = len(ctx.prompt) + ctx.opts.new_tokens / 2
+    gpu_b = n_gpu * per_layer + kv_read_bytes(cfg, ctx_avg, 2, n_gpu)
+    cpu_b = (cfg.n_layers - n_gpu) * per_layer + kv_read_bytes(cfg, ctx_avg, 2, cfg.n_layers - n_gpu)
+    if ctx.cuda and n_gpu == cfg.n_layers:
+        gpu_b += out_bytes
+    else:
+        cpu_b += out_bytes
+    if not ctx.cuda:
+        cpu_b, gpu_b = cpu_b + gpu_b, 0
+    lim = sequential_limit(gpu_b, cpu_b, 2 * cfg.dim * 4 if 0 < n_gpu < cfg.n_layers else 0, ctx.bw,
+                           "GPU layers / GPU bw + CPU layers (+ output) / CPU bw")
+    return runner, info, lim
 
 
 class _Skip(Exception):

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# llama-cpp-python with CUDA on the GPU machine, which has no network (for bench/run_bench.py's
+# llamacpp-gpu / llamacpp-offload systems).
+#
+#   bash bench/build_llamacpp_device.sh prepare   # HERE (has PyPI): sdist, repacked, + wheels -> .carry/llamacpp/
+#   bash bench/build_llamacpp_device.sh install   # ON THE GPU MACHINE, with carry [".carry/llamacpp"]
+#
+# Why a repack: the llama-cpp-python sdist (0.3.36: 76.6 MB) vendors llama.cpp's tokenizer test
+# models (vendor/llama.cpp/models/ggml-vocab-*.gguf, 75 MB unpacked) and docs; the device call can
+# carry 64 MiB in all. Neither is used by the build (LLAMA_BUILD_TESTS is off for a subproject).
+#
+# What the device image already has (KINDS.md, "Python packages already there"): scikit-build-core,
+# cmake, ninja, pathspec, packaging, numpy, jinja2, typing-extensions, pyyaml, requests, tqdm. Missing,
+# so carried as wheels: diskcache (llama-cpp-python runtime dependency) and gguf (the GGUF writer).
+# The build runs with --no-build-isolation against the image's scikit-build-core + cmake + ninja.
+#
+# Build time: ggml-cuda for one architecture (sm_90) on 16 cores takes several minutes. The CMake
+# build directory is kept in build/llamacpp-cmake (ignored by git; kept between calls while the
+# machine stays warm), so if one 600 s call runs out, running `install` again continues the build.
+set -euo pipefail
+VERSION="${LLAMACPP_VERSION:-0.3.36}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CARRY="$ROOT/.carry/llamacpp"
+
+case "${1:-}" in
+prepare)
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    mkdir -p "$CARRY"
+    pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp/dl"
+    tar xzf "$tmp/dl/llama_cpp_python-$VERSION.tar.gz" -C "$tmp"
+    src="$tmp/llama_cpp_python-$VERSION"
+    # vendored test vocabularies and documentation: not part of the build
+    find "$src/vendor/llama.cpp/models" -maxdepth 1 -type f -name 'ggml-vocab-*' -delete
+    rm -rf "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/media"
+    tar czf "$CARRY/llama_cpp_python-$VERSION.tar.gz" -C "$tmp" "llama_cpp_python-$VERSION"
+    pip download --no-deps "gguf==0.19.0" "diskcache==5.6.3" -d "$CARRY"
+    du -ch "$CARRY"/*
+    ;;
+install)
+    # A wheel built by an earlier call (copied back from $OUT into .carry/llamacpp/) installs in seconds.
+    wheel="$(ls "$CARRY"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1 || true)"
+    python3 -m pip install --no-index --no-deps "$CARRY"/gguf-*.whl "$CARRY"/diskcache-*.whl
+    if [ -z "$wheel" ]; then
+        test -f "$CARRY/llama_cpp_python-$VERSION.tar.gz" || { echo "no $CARRY/llama_cpp_python-$VERSION.tar.gz: run 'prepare' here and carry .carry/llamacpp" >&2; exit 2; }
+        command -v nvcc >/dev/null && nvcc --version | tail -1
+        # unpacked once at a fixed path: the CMake cache in build-dir is tied to the source path
+        src="$ROOT/build/llamacpp-src/llama_cpp_python-$VERSION"
+        [ -d "$src" ] || { mkdir -p "$ROOT/build/llamacpp-src"; tar xzf "$CARRY/llama_cpp_python-$VERSION.tar.gz" -C "$ROOT/build/llamacpp-src"; }
+        mkdir -p "$ROOT/build/llamacpp-cmake" "$ROOT/build/llamacpp-wheel"
+        log="$ROOT/build/llamacpp-build.log"
+        echo "building (log: $log)"
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        CMAKE_ARGS="${LLAMACPP_CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=on} \
+-DLLAVA_BUILD=off -DLLAMA_BUILD_TESTS=off -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TOOLS=off -DLLAMA_BUILD_SERVER=off" \
+        python3 -m pip wheel --no-index --no-deps --no-build-isolation -v -w "$ROOT/build/llamacpp-wheel" \
+            -C build-dir="$ROOT/build/llamacpp-cmake" "$src" > "$log" 2>&1 \
+            || { tail -60 "$log"; [ -n "${OUT:-}" ] && cp "$log" "$OUT/"; exit 1; }
+        { grep -oE '\[[0-9]+/[0-9]+\]' "$log" || echo 'nothing to rebuild'; } | tail -1
+        wheel="$(ls "$ROOT"/build/llamacpp-wheel/llama_cpp_python-"$VERSION"-*.whl | head -1)"
+        if [ -n "${OUT:-}" ]; then cp "$wheel" "$OUT/"; fi    # carry it next time: no rebuild
+    fi
+    ls -la "$wheel"
+    python3 -m pip install --no-index --no-deps --force-reinstall "$wheel"
+    python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'gpu offload:', llama_cpp.llama_supports_gpu_offload())"
+    ;;
+*)
+    echo "usage: $0 prepare|install" >&2
+    exit 2
+    ;;
+esac

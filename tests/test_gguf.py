@@ -1,0 +1,238 @@
+"""bench/gguf_export.py: HF LLaMA -> llama GGUF, read back with gguf.GGUFReader (and run by llama.cpp
+when llama-cpp-python is installed)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from bench.gguf_export import export_gguf, permute_rope_rows  # noqa: E402
+from hybrid_runtime.errors import UserError  # noqa: E402
+
+
+def _field(reader, key):
+    f = reader.fields[key]
+    return f.contents()
+
+
+def _tensors(reader) -> dict:
+    # GGUFReader gives numpy arrays in the file's row-major order: shape (out, in) for a matrix
+    return {t.name: t for t in reader.tensors}
+
+
+def _rope_rows_ref(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Independent derivation, row by row: llama.cpp pairs (2j, 2j+1), HF pairs (j, j + hd/2)."""
+    hd = w.shape[0] // n_heads
+    out = np.empty_like(w)
+    for h in range(n_heads):
+        for j in range(hd // 2):
+            out[h * hd + 2 * j] = w[h * hd + j]
+            out[h * hd + 2 * j + 1] = w[h * hd + j + hd // 2]
+    return out
+
+
+def _rope_hf(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """HF rotate_half RoPE on one head vector x (hd,)."""
+    hd = x.shape[0]
+    inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = pos * inv
+    cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+    rot = torch.cat([-x[hd // 2:], x[:hd // 2]])
+    return x * cos + rot * sin
+
+
+def _rope_adjacent(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
+    """llama.cpp's (GGML_ROPE_TYPE_NORM) RoPE: rotates adjacent pairs (2j, 2j+1) by pos * theta^(-2j/hd)."""
+    hd = x.shape[0]
+    inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = pos * inv
+    a, b = x[0::2], x[1::2]
+    out = torch.empty_like(x)
+    out[0::2] = a * ang.cos() - b * ang.sin()
+    out[1::2] = a * ang.sin() + b * ang.cos()
+    return out
+
+
+def test_permute_matches_rowwise_reference():
+    rng = np.random.default_rng(0)
+    for n_heads, hd, d_in in [(4, 16, 8), (2, 8, 3), (1, 4, 5)]:
+        w = rng.standard_normal((n_heads * hd, d_in)).astype(np.float32)
+        np.testing.assert_array_equal(permute_rope_rows(w, n_heads), _rope_rows_ref(w, n_heads))
+
+
+def test_permuted_qk_scores_equal_hf_rope_scores():
+    """The point of the permutation: llama.cpp's RoPE on permuted q/k gives HF's attention scores."""
+    torch.manual_seed(0)
+    n_heads, hd, d, theta = 2, 16, 12, 10000.0
+    wq = torch.randn(n_heads * hd, d, dtype=torch.float64)
+    wk = torch.randn(n_heads * hd, d, dtype=torch.float64)
+    wq_p = torch.from_numpy(permute_rope_rows(wq.numpy(), n_heads))
+    wk_p = torch.from_numpy(permute_rope_rows(wk.numpy(), n_heads))
+    xq, xk = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    for pq, pk in [(5, 2), (17, 17), (3, 40)]:
+        for h in range(n_heads):
+            s = slice(h * hd, (h + 1) * hd)
+            hf = _rope_hf((wq @ xq)[s], pq, theta) @ _rope_hf((wk @ xk)[s], pk, theta)
+            ll = _rope_adjacent((wq_p @ xq)[s], pq, theta) @ _rope_adjacent((wk_p @ xk)[s], pk, theta)
+            torch.testing.assert_close(ll, hf, rtol=1e-10, atol=1e-10)
+    # and without the permutation the scores differ (the test can fail)
+    s = slice(0, hd)
+    bad = _rope_adjacent((wq @ xq)[s], 5, theta) @ _rope_adjacent((wk @ xk)[s], 2, theta)
+    good = _rope_hf((wq @ xq)[s], 5, theta) @ _rope_hf((wk @ xk)[s], 2, theta)
+    assert not torch.isclose(bad, good, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_metadata_tensors_values(make_hf_model, tmp_path, tie):
+    model, path = make_hf_model(tie=tie, dtype=torch.float16, rope_theta=5000.0, rms_norm_eps=1e-5)
+    cfg = model.config
+    out = export_gguf(path, tmp_path / "m.gguf")
+    r = gguf.GGUFReader(str(out))
+
+    assert _field(r, "general.architecture") == "llama"
+    assert _field(r, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_F16)
+    assert _field(r, "llama.context_length") == cfg.max_position_embeddings
+    assert _field(r, "llama.embedding_length") == cfg.hidden_size
+    assert _field(r, "llama.block_count") == cfg.num_hidden_layers
+    assert _field(r, "llama.feed_forward_length") == cfg.intermediate_size
+    assert _field(r, "llama.attention.head_count") == cfg.num_attention_heads
+    assert _field(r, "llama.attention.head_count_kv") == cfg.num_key_value_heads
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    assert _field(r, "llama.rope.dimension_count") == hd
+    assert _field(r, "llama.rope.freq_base") == pytest.approx(5000.0)
+    assert _field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    assert _field(r, "llama.vocab_size") == cfg.vocab_size
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    toks = _field(r, "tokenizer.ggml.tokens")
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert len(toks) == len(types) == len(_field(r, "tokenizer.ggml.scores")) == cfg.vocab_size
+    assert len(set(toks)) == cfg.vocab_size
+    assert "<0x0A>" in toks and types[toks.index("<0x0A>")] == int(gguf.TokenType.BYTE)
+    assert _field(r, "tokenizer.ggml.bos_token_id") == cfg.bos_token_id
+    assert _field(r, "tokenizer.ggml.eos_token_id") == cfg.eos_token_id
+    assert types[cfg.eos_token_id] == int(gguf.TokenType.CONTROL)
+
+    tensors = _tensors(r)
+    L = cfg.num_hidden_layers
+    names = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not tie else set())
+    for i in range(L):
+        names |= {f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                    "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    assert set(tensors) == names
+
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_of = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    expect = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not tie:
+        expect["output.weight"] = sd["lm_head.weight"]
+    for i in range(L):
+        for g, h in hf_of.items():
+            w = sd[f"model.layers.{i}.{h}.weight"].float().numpy()
+            if g == "attn_q":
+                w = _rope_rows_ref(w, cfg.num_attention_heads)
+            elif g == "attn_k":
+                w = _rope_rows_ref(w, cfg.num_key_value_heads)
+            expect[f"blk.{i}.{g}.weight"] = w
+    for name, want in expect.items():
+        t = tensors[name]
+        want = np.asarray(want.float().numpy() if isinstance(want, torch.Tensor) else want)
+        if want.ndim == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16, name
+            # GGUF dims are innermost first: {in, out} for an HF (out, in) weight
+            assert list(t.shape) == [want.shape[1], want.shape[0]], name
+        got = np.asarray(t.data).reshape(want.shape)
+        np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float16).astype(np.float32), err_msg=name)
+    # q really moved (the test above would not notice a no-op permutation of a symmetric tensor)
+    q0 = np.asarray(tensors["blk.0.attn_q.weight"].data).astype(np.float32)
+    assert not np.array_equal(q0, sd["model.layers.0.self_attn.q_proj.weight"].float().numpy())
+
+
+def test_export_f32_and_bad_input(make_hf_model, tmp_path):
+    _, path = make_hf_model(dtype=torch.float32)
+    out = export_gguf(path, tmp_path / "m32.gguf", dtype="f32")
+    r = gguf.GGUFReader(str(out))
+    assert _field(r, "general.file_type") == int(gguf.LlamaFileType.ALL_F32)
+    assert _tensors(r)["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    with pytest.raises(UserError, match="dtype"):
+        export_gguf(path, tmp_path / "x.gguf", dtype="q4")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="model_type"):
+        export_gguf(path, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    _, bin_path = make_hf_model(bin_format=True)
+    with pytest.raises(UserError, match="safetensors"):
+        export_gguf(bin_path, tmp_path / "y.gguf")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp (llama-cpp-python) is not installed")
+def test_llamacpp_matches_engine_greedy(make_hf_model, tmp_path):
+    """llama.cpp on our GGUF reproduces our dense engine (SiLU model): same logits within fp16 tolerance."""
+    import llama_cpp
+    from hybrid_runtime.loading import load_model
+
+    # initializer_range 0.1: logits of order 1, so a wrong q/k layout shows (error ~1 vs ~1e-3)
+    _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", num_hidden_layers=2,
+                            max_position_embeddings=128, initializer_range=0.1)
+    out = export_gguf(path, tmp_path / "m.gguf", dtype="f32")
+    llm = llama_cpp.Llama(str(out), n_gpu_layers=0, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    prompt = [0, 17, 99, 200, 5, 42, 7, 150]
+    llm.eval(prompt)
+    got = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))      # (T, V)
+
+    model = load_model(str(path), device="cpu", dtype=torch.float32)
+    model.setup_cache(1, 64)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]), torch.arange(len(prompt)))[0].float()      # (T, V)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=5e-3)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp (llama-cpp-python) is not installed")
+def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
+    """bench's llama.cpp runner: exact token count, greedy (= teacher-forced argmax of llama.cpp's own
+    logits), repeatable across runs (the KV cache is reset), GGUF exported once and cached."""
+    from types import SimpleNamespace
+
+    import llama_cpp
+    from bench import run_bench
+    from hybrid_runtime.model import ModelConfig
+
+    _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", initializer_range=0.1)
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    log = run_bench.BenchLog(600.0)
+    logs = log.lines
+    ctx = SimpleNamespace(opts=SimpleNamespace(work=str(tmp_path / "work"), threads=1, new_tokens=12),
+                          hf_dir=path, log=log, cfg=cfg, budget=8 << 30, context=64, cuda=False,
+                          prompt=[0, 17, 99, 200, 5, 42, 7, 150],
+                          bw={"gpu_copy_GBps": 1000.0, "cpu_read_GBps": 10.0, "h2d_GBps": 20.0})
+    runner, info, lim = run_bench.build_llamacpp(ctx)
+    r1 = runner.generate(ctx.prompt, 12)
+    r2 = runner.generate(ctx.prompt, 12)
+    assert len(r1.tokens) == 12 and r1.decode_steps == 11 and r1.prompt_tokens == 8
+    assert r1.tokens == r2.tokens
+    assert r1.prefill_s > 0 and r1.decode_s > 0 and lim.tps and lim.cpu_bytes > 0
+    assert info["n_gpu_layers"] == -1 and info["threads"] == 1
+
+    ref = llama_cpp.Llama(info["gguf"], n_gpu_layers=-1, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    seq = ctx.prompt + r1.tokens
+    ref.eval(seq[:-1])
+    scores = np.array(ref.scores[:len(seq) - 1])                          # (T, V)
+    assert scores[len(ctx.prompt) - 1:].argmax(-1).tolist() == r1.tokens
+
+    n_exports = sum("exporting" in m for m in logs)
+    ctx.budget = 1 << 20          # nothing fits: every layer on the CPU
+    _, info_off, _ = run_bench.build_llamacpp(ctx, offload=True)
+    assert info_off["n_gpu_layers"] == run_bench.offload_layers_for_budget(cfg, ctx.budget, 64) == 0
+    assert n_exports == 1 and sum("exporting" in m for m in logs) == 1 and any("reusing" in m for m in logs)
