@@ -33,7 +33,8 @@ from convert.evaluate import evaluate  # noqa: E402
 from convert.prosparse import (LambdaSchedule, load_hf_model, load_tokenizer, preset_schedule,  # noqa: E402
                                swap_activation)
 from convert.threshold import search_threshold  # noqa: E402
-from convert.train import LlamaSpec, LossShaping, TrainConfig, build_llama, resolve_device, train  # noqa: E402
+from hybrid_runtime.session import pick_device  # noqa: E402
+from convert.train import LlamaSpec, LossShaping, TrainConfig, build_llama, train  # noqa: E402
 from hybrid_runtime.errors import UserError, prepare_output_dir  # noqa: E402
 
 
@@ -124,7 +125,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

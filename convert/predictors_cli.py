@@ -8,15 +8,11 @@ from pathlib import Path
 import click
 
 from hybrid_runtime.errors import UserError, log, prepare_output_dir
+from hybrid_runtime.session import pick_device
 
 METRICS_FORMAT = "hybrid-predictor-metrics"
 
 
-
-
-def resolve_device(device: str) -> str:
-    from hybrid_runtime.session import pick_device
-    return str(pick_device(device))
 
 
 # ----------------------------------------------------------------------------- profile
@@ -51,7 +47,7 @@ def profile_cmd(model, data_files, tokens, out_dir, samples_per_layer, block_len
         raise UserError("--batch-size and --block-len must be positive")
     cfg = ProfileConfig(tokens=tokens, block_len=block_len, split=split, batch_size=batch_size,
                         samples_per_layer=samples_per_layer, x_dtype=x_dtype, cett=cett, seed=seed,
-                        device=resolve_device(device), dtype=dtype)
+                        device=str(pick_device(device)), dtype=dtype)
     prof = run_profile(model, list(data_files), out_dir, cfg, resume=resume, force=force)
     click.echo(format_profile_table(prof))
     log(f"profiled {prof['data']['tokens']} tokens, {prof['samples']['per_layer']} samples per layer -> {out_dir}")
@@ -204,7 +200,7 @@ def train_predictors_cmd(profile_dir, out_dir, model, recall_target, density_fac
     work = out / "partial"
     if not (resume and work.is_dir()):
         prepare_output_dir(out, force)
-    dev = resolve_device(device)
+    dev = str(pick_device(device))
     model_path = model or prof["model"]
     log(f"loading {model_path} for the FFN weights")
     import torch

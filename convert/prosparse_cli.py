@@ -15,7 +15,8 @@ from convert.prosparse import (PRESETS, TOKENIZER_FILES, LambdaSchedule, load_hf
                                load_tokenizer, model_activation, preset_schedule, read_hf_config,
                                swap_activation)
 from convert.threshold import apply_threshold, search_threshold
-from convert.train import LossShaping, TrainConfig, has_checkpoint, resolve_device, train
+from hybrid_runtime.session import pick_device
+from convert.train import LossShaping, TrainConfig, has_checkpoint, train
 from hybrid_runtime.errors import UserError, prepare_output_dir
 
 RUN_ARGS = "run_args.json"          # the run's arguments, for --resume
@@ -184,7 +185,7 @@ def run_prosparse(kw: dict) -> dict:
     max_pos = raw.get("max_position_embeddings")
     if max_pos is not None and kw["block_len"] > max_pos:
         raise UserError(f"--block-len {kw['block_len']} exceeds the model's max_position_embeddings {max_pos}")
-    device = resolve_device(kw["device"])
+    device = pick_device(kw["device"])
     if not resume:
         _check_out_free(out, kw["force"])
 
@@ -308,7 +309,7 @@ def eval_cmd(model_dir, data, split, tokens, block_len, batch_size, method, cett
     max_pos = raw.get("max_position_embeddings")
     if max_pos is not None and block_len > max_pos:
         raise UserError(f"--block-len {block_len} exceeds the model's max_position_embeddings {max_pos}")
-    dev = resolve_device(device)
+    dev = pick_device(device)
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(model_dir)
     blocks = load_token_blocks(data, tokenizer, block_len, split, max_tokens=tokens)

@@ -117,10 +117,6 @@ def build_llama(spec: LlamaSpec, tokenizer=None, seed: int = 0) -> nn.Module:
 
 # ----------------------------------------------------------------------------- helpers
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise as given (checked)."""
-    from hybrid_runtime.session import pick_device
-    return pick_device(device)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
