@@ -24,7 +24,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows, cold_ffn_ref
+from hybrid_runtime import cpu_ffn as cpu_ffn_module
+from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows, _add_into, _sparse_ffn_rows, cold_ffn_ref
 
 
 @njit(fastmath=True, cache=True)
@@ -44,6 +45,44 @@ def _parallel_sum(buf, n_chunks):
     for c in prange(n_chunks):
         partial[c] = _sum(buf[c * per:min(n, (c + 1) * per)])
     return partial.sum()
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _decode_kernel_blocked(gate, up, down, gate_scale, up_scale, down_scale, fmt,
+                           x, active, act, threshold, partial, y):
+    """The decode kernel as it was before 2026-11-23 (contiguous blocks of the active list per
+    thread), kept here to measure the strided assignment against it."""
+    d = x.shape[0]
+    n_active = active.shape[0]
+    n_chunks = partial.shape[0]
+    rows_per_chunk = (n_active + n_chunks - 1) // n_chunks
+    n_used = (n_active + rows_per_chunk - 1) // rows_per_chunk if n_active > 0 else 0
+    for c in prange(n_used):
+        buf = partial[c]
+        buf[:] = 0.0
+        _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x,
+                         active[c * rows_per_chunk:min(n_active, (c + 1) * rows_per_chunk)],
+                         act, threshold, buf)
+    block = 256
+    for b in prange((d + block - 1) // block):
+        j0 = b * block
+        j1 = min(d, j0 + block)
+        yb = y[j0:j1]
+        yb[:] = 0.0
+        for c in range(n_used):
+            _add_into(yb, partial[c, j0:j1])
+
+
+class BlockedColdFFN(ColdFFN):
+    def decode(self, x: np.ndarray, active: np.ndarray, out: np.ndarray) -> np.ndarray:
+        _decode_kernel_blocked(*self._args, x, active, self._act, self._threshold, self._partial, out)
+        return out
+
+
+def _spin(seconds: float) -> None:
+    t = time.perf_counter() + seconds
+    while time.perf_counter() < t:
+        pass
 
 
 def read_bandwidth(nbytes: int, repeats: int) -> float:
@@ -75,25 +114,33 @@ def make_layer(fmt: str, n_cold: int, d: int, rng: np.random.Generator) -> ColdR
     return ColdRows(fmt, g, u, dn, *scales)
 
 
-def pick_active(cold: ColdRows, x: np.ndarray, n_fire: int, n_dead: int, rng: np.random.Generator) -> np.ndarray:
-    """n_fire rows whose gate fires for x (relu) plus n_dead rows whose gate does not, sorted."""
-    cand = rng.permutation(cold.n_rows)[: 4 * (n_fire + n_dead)]
+def pick_active(cold: ColdRows, x: np.ndarray, n_fire: int, n_dead: int, rng: np.random.Generator,
+                skewed: bool = False) -> np.ndarray:
+    """n_fire rows whose gate fires for x (relu) plus n_dead rows whose gate does not, sorted.
+
+    skewed: the firing rows are the lowest-index candidates and the non-firing ones the highest,
+    like the runtime's cold rows (stored most-frequent-first: predicted rows near the front fire
+    more often than those near the end)."""
+    cand = np.sort(rng.permutation(cold.n_rows)[: 4 * (n_fire + n_dead)]) if skewed \
+        else rng.permutation(cold.n_rows)[: 4 * (n_fire + n_dead)]
     g = cold.dequantize(cand)[0] @ x
-    fire, dead = cand[g > 0][:n_fire], cand[g <= 0][:n_dead]
+    fire, dead = cand[g > 0], cand[g <= 0]
+    fire, dead = (fire[:n_fire], dead[len(dead) - n_dead:]) if skewed else (fire[:n_fire], dead[:n_dead])
     assert len(fire) == n_fire and len(dead) == n_dead, "not enough candidate rows"
     return np.sort(np.concatenate([fire, dead])).astype(np.int32)
 
 
 def bench_format(fmt: str, d: int, n_cold: int, total_bytes: int, active_frac: float, superset: float,
-                 seconds: float, check: bool, rng: np.random.Generator) -> dict:
+                 seconds: float, check: bool, rng: np.random.Generator, skewed: bool = False,
+                 gap_us: float = 0.0, blocked: bool = False) -> dict:
     probe = make_layer(fmt, 8, d, rng)
     n_layers = max(2, -(-total_bytes // (3 * n_cold * probe.row_bytes)))
     layers = [make_layer(fmt, n_cold, d, rng) for i in range(n_layers)]
     n_fire = int(round(active_frac * n_cold))
     n_dead = int(round((superset - 1.0) * n_fire))
     xs = [rng.standard_normal(d).astype(np.float32) for _ in layers]
-    actives = [pick_active(c, x, n_fire, n_dead, rng) for c, x in zip(layers, xs)]
-    ffns = [ColdFFN(c, "relu") for c in layers]
+    actives = [pick_active(c, x, n_fire, n_dead, rng, skewed) for c, x in zip(layers, xs)]
+    ffns = [(BlockedColdFFN if blocked else ColdFFN)(c, "relu") for c in layers]
     out = np.empty(d, np.float32)
     if check:  # the benchmark measures a correct kernel
         ref = cold_ffn_ref(layers[0], xs[0], actives[0], "relu")
@@ -107,13 +154,16 @@ def bench_format(fmt: str, d: int, n_cold: int, total_bytes: int, active_frac: f
     times = []
     while time.perf_counter() - t0 < seconds:
         i = calls % n_layers
+        if gap_us:
+            _spin(gap_us * 1e-6)   # the host waiting for the GPU between two layers' cold FFNs
         t = time.perf_counter()
         ffns[i].decode(xs[i], actives[i], out)
         times.append(time.perf_counter() - t)
         calls += 1
     times = np.array(times)
     return {
-        "fmt": fmt, "layers": n_layers, "weights_gb": n_layers * layers[0].nbytes / 1e9,
+        "fmt": fmt, "kernel": "blocked" if blocked else "strided", "skewed": skewed, "gap_us": gap_us,
+        "layers": n_layers, "weights_gb": n_layers * layers[0].nbytes / 1e9,
         "n_cold": n_cold, "n_fire": n_fire, "n_dead": n_dead, "calls": calls,
         "bytes_per_call_mb": bytes_per_call / 1e6,
         "median_us": float(np.median(times) * 1e6),
@@ -148,8 +198,14 @@ def bench_batch(fmt: str, d: int, n_cold: int, T: int, active_frac: float, rng: 
 @click.option("--threads", default=0, help="numba threads (0: Numba's default)")
 @click.option("--batch-tokens", default=32, show_default=True,
               help="also time the prefill kernel at T tokens over a 3x larger union set (0: skip)")
+@click.option("--skewed", is_flag=True,
+              help="firing rows at the front of the active list, non-firing at the end (frequency-sorted rows)")
+@click.option("--gap-us", default=0.0, show_default=True,
+              help="host spins this long between calls (the runtime's wait for the GPU between layers)")
+@click.option("--compare-blocked", is_flag=True, help="also time the old contiguous-block kernel")
 @click.option("--json", "json_path", default=None, help="write the results here")
-def main(formats, dim, n_cold, total_gb, active_frac, superset, seconds, threads, batch_tokens, json_path):
+def main(formats, dim, n_cold, total_gb, active_frac, superset, seconds, threads, batch_tokens, skewed, gap_us,
+         compare_blocked, json_path):
     if threads:
         if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
             raise click.BadParameter(f"must be in [1, {numba.config.NUMBA_NUM_THREADS}]", param_hint="--threads")
@@ -161,11 +217,13 @@ def main(formats, dim, n_cold, total_gb, active_frac, superset, seconds, threads
           f"numba threads {n_threads} ({numba.threading_layer() if hasattr(numba, 'threading_layer') else ''})")
     print(f"read roof (parallel sum of {total_gb:.1f} GB fp32): {roof:.1f} GB/s")
     rows = []
-    for fmt in formats.split(","):
-        r = bench_format(fmt, dim, n_cold, int(total_gb * 1e9), active_frac, superset, seconds, True, rng)
+    variants = [False, True] if compare_blocked else [False]
+    for fmt, blocked in ((f, b) for f in formats.split(",") for b in variants):
+        r = bench_format(fmt, dim, n_cold, int(total_gb * 1e9), active_frac, superset, seconds, True, rng,
+                         skewed, gap_us, blocked)
         r["roof_frac"] = r["gbps_median"] / roof
         rows.append(r)
-        print(f"{fmt:5s} {r['layers']:2d} layers {r['weights_gb']:.2f} GB | active {r['n_fire']} fire "
+        print(f"{fmt:5s} {r['kernel']:7s} {r['layers']:2d} layers {r['weights_gb']:.2f} GB | active {r['n_fire']} fire "
               f"+ {r['n_dead']} dead rows = {r['bytes_per_call_mb']:.1f} MB/call | "
               f"{r['median_us']:7.0f} us/call | {r['gbps_median']:5.1f} GB/s (mean {r['gbps_mean']:.1f}, "
               f"best decile {r['gbps_p10']:.1f}) "
@@ -181,7 +239,8 @@ def main(formats, dim, n_cold, total_gb, active_frac, superset, seconds, threads
                   f"({b['gflops']:.0f} GFLOP/s)")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"threads": n_threads, "roof_gbps": roof, "roof_after_gbps": roof_after,
+            json.dump({"threads": n_threads, "threading_layer": numba.threading_layer(),
+                   "f16c": cpu_ffn_module.HAS_F16C, "roof_gbps": roof, "roof_after_gbps": roof_after,
                        "decode": rows, "batch": batch}, f, indent=1)
         print(f"wrote {json_path}")
 

@@ -5,9 +5,10 @@
 #   bash bench/build_llamacpp_device.sh prepare   # HERE (has PyPI): sdist, repacked, + wheels -> .carry/llamacpp/
 #   bash bench/build_llamacpp_device.sh install   # ON THE GPU MACHINE, with carry [".carry/llamacpp"]
 #
-# Why a repack: the llama-cpp-python sdist (0.3.36: 76.6 MB) vendors llama.cpp's tokenizer test
-# models (vendor/llama.cpp/models/ggml-vocab-*.gguf, 75 MB unpacked) and docs; the device call can
-# carry 64 MiB in all. Neither is used by the build (LLAMA_BUILD_TESTS is off for a subproject).
+# Why a repack: the llama-cpp-python sdist (0.3.36: 76.6 MB) carries its own .git, llama.cpp's
+# tokenizer test models, docs, tools and every other GPU backend; the device call can carry 64 MiB
+# in all, the repository included. None of it is used by this build (checked: CMake configures
+# with them removed); the repack is ~4 MB.
 #
 # What the device image already has (KINDS.md, "Python packages already there"): scikit-build-core,
 # cmake, ninja, pathspec, packaging, numpy, jinja2, typing-extensions, pyyaml, requests, tqdm. Missing,
@@ -30,9 +31,13 @@ prepare)
     pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp/dl"
     tar xzf "$tmp/dl/llama_cpp_python-$VERSION.tar.gz" -C "$tmp"
     src="$tmp/llama_cpp_python-$VERSION"
-    # vendored test vocabularies and documentation: not part of the build
-    find "$src/vendor/llama.cpp/models" -maxdepth 1 -type f -name 'ggml-vocab-*' -delete
-    rm -rf "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/media"
+    # not part of this build (LLAVA/tests/examples/tools off, CPU + CUDA backends only): the sdist's own
+    # .git (39 MB), vendored test vocabularies, docs, tools, the other GPU backends. 76 MB -> ~4 MB.
+    rm -rf "$src/.git" "$src/.github" "$src/docker" "$src/docs" "$src/examples" "$src/tests"
+    ( cd "$src/vendor/llama.cpp" && rm -rf .git .github .devops docs media tools benches tests examples \
+        conversion scripts gguf-py models pocs app )
+    ( cd "$src/vendor/llama.cpp/ggml/src" && rm -rf ggml-cann ggml-et ggml-hexagon ggml-hip ggml-metal ggml-musa \
+        ggml-opencl ggml-openvino ggml-sycl ggml-virtgpu ggml-vulkan ggml-webgpu ggml-zdnn ggml-zendnn )
     tar czf "$CARRY/llama_cpp_python-$VERSION.tar.gz" -C "$tmp" "llama_cpp_python-$VERSION"
     pip download --no-deps "gguf==0.19.0" "diskcache==5.6.3" -d "$CARRY"
     du -ch "$CARRY"/*

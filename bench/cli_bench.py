@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from bench.run_bench import CPU_DEFAULT, DEFAULT_WORK, GPU_DEFAULT, REPO, SYSTEMS, BenchOptions
+from bench.synthetic import SPARSITY_PROFILES
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,12 +26,14 @@ from bench.run_bench import CPU_DEFAULT, DEFAULT_WORK, GPU_DEFAULT, REPO, SYSTEM
 @click.option("--out", default=str(REPO / "bench" / "results"), show_default=True,
               help="Directory for <device>-<date>.json/.md/.png/.log.")
 @click.option("--profile-time", is_flag=True,
-              help="Also print the hybrid's per-token decode time breakdown (GPU, CPU, copies/sync, Python).")
+              help="Also profile the hybrid's decode step (CUDA: the graphed step the runtime runs; host time per "
+                   "call, GPU time per segment, cold FFN read rate).")
 @click.option("--sweep", default="4,6,8,12,16", show_default=True,
               help="GPU budgets (GiB) for hybrid vs layer offload; 'none' to skip.")
 @click.option("--sweep-new-tokens", type=int, default=32, show_default=True)
 @click.option("--time-budget-s", type=float, default=540.0, show_default=True,
-              help="Skip or shorten the remaining systems when this much time has passed.")
+              help="Time for the whole run, model build included: a system or sweep point that no longer fits "
+                   "is skipped, runs are shortened (fewer, then one shorter run), each said in the notes.")
 @click.option("--work", default=str(DEFAULT_WORK), show_default=True,
               help="Where the synthetic model and its hybrid directory are built (reused when settings match).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -42,12 +45,22 @@ from bench.run_bench import CPU_DEFAULT, DEFAULT_WORK, GPU_DEFAULT, REPO, SYSTEM
 @click.option("--predictor-rank", type=int, default=None, help="Synthetic model: predictor rank (default 2 x latent).")
 @click.option("--predictor-epochs", type=int, default=None, help="Synthetic model: predictor epochs.")
 @click.option("--samples-per-layer", type=int, default=None, help="Synthetic model: predictor samples per layer.")
+@click.option("--sparsity-profile", type=click.Choice(list(SPARSITY_PROFILES)), default="prosparse",
+              show_default=True,
+              help="Synthetic model: prosparse = ProSparse-7B's 89% sparsity; powerinfer = the synthetic 7B behind "
+                   "the issue's PowerInfer figures (predictors mark ~24% active, top 32% of neurons serve 61%).")
+@click.option("--target-density", type=float, default=None,
+              help="Synthetic model: override the profile's mean activation density (e.g. 0.16).")
+@click.option("--freq-sigma", type=float, default=None,
+              help="Synthetic model: override the profile's log-normal sigma of per-neuron frequencies.")
+@click.option("--clean-work", is_flag=True,
+              help="Before building, delete the other cached synthetic builds and GGUFs in --work (disk).")
 @click.option("--small", is_flag=True, help="Shortcut for --model synthetic-small (a CPU smoke run).")
 @click.option("--rebuild", is_flag=True, help="Rebuild the synthetic model even if a matching one exists.")
 @click.option("--force", is_flag=True, help="Overwrite today's result files instead of adding a time suffix.")
 def bench(model, systems, gpu_memory, prompt_tokens, new_tokens, runs, out, profile_time, sweep, sweep_new_tokens,
           time_budget_s, work, seed, threads, cold_format, pipe_tokens, predictor_rank, predictor_epochs,
-          samples_per_layer, small, rebuild, force):
+          samples_per_layer, sparsity_profile, target_density, freq_sigma, clean_work, small, rebuild, force):
     """Benchmark the hybrid runtime against dense baselines; print a table, write JSON/Markdown/PNG."""
     from bench.run_bench import run_bench
     if small:
@@ -59,4 +72,5 @@ def bench(model, systems, gpu_memory, prompt_tokens, new_tokens, runs, out, prof
                            new_tokens=new_tokens, runs=runs, out=out, profile_time=profile_time, sweep=sweep,
                            sweep_new_tokens=sweep_new_tokens, time_budget_s=time_budget_s, work=work, seed=seed,
                            threads=threads, cold_format=cold_format, rebuild=rebuild, force=force,
-                           pipeline=pipeline))
+                           pipeline=pipeline, sparsity_profile=sparsity_profile, target_density=target_density,
+                           freq_sigma=freq_sigma, clean_work=clean_work))

@@ -30,8 +30,17 @@ predictors' measured precision) divided by those bandwidths give the fastest pos
 sequence, the hot and cold FFN halves overlapped (max of the two).
 
 Time budget: the script prints timestamped progress, writes the results after every system
-(a timeout still leaves them in --out), and skips or shortens (fewer runs) what no longer fits in
---time-budget-s, saying so in the table's notes.
+(a timeout still leaves them in --out), and skips what no longer fits in --time-budget-s (its
+least time estimated before it starts) or shortens it (fewer runs, then one shorter run), saying
+so in the table's notes.
+
+Disk: free space is checked before every large write (synthetic build, GGUF); a 13B build on a
+64 GiB disk runs the llama.cpp systems before the hybrid directory is written and deletes the
+GGUF after them (bench/README.md, "Disk"); --clean-work drops other cached builds first.
+
+--profile-time on CUDA profiles the CUDA-graphed hybrid step the runtime really decodes with
+(`HybridGraphedDecodeStep.profiled_call`): host time per call, GPU time per segment, the cold
+FFN's selected / firing neurons and its in-situ read rate.
 """
 from __future__ import annotations
 
@@ -156,6 +165,10 @@ class BenchOptions:
     rebuild: bool = False
     force: bool = False
     pipeline: dict = field(default_factory=dict)   # PipelineConfig overrides for the synthetic model
+    sparsity_profile: str = "prosparse"  # synthetic model: bench.synthetic.SPARSITY_PROFILES preset
+    target_density: float | None = None  # synthetic model: override the preset's mean density
+    freq_sigma: float | None = None      # synthetic model: override the preset's log-normal sigma
+    clean_work: bool = False             # remove other cached builds (and GGUFs) in --work first
 
 
 # --------------------------------------------------------------------------------------- logging
@@ -693,6 +706,175 @@ def format_profile(p: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------- graphed hybrid profile
+
+
+def profile_graphed_step(step, model, prompt: list[int], n_tokens: int, device: torch.device):
+    """--profile-time on CUDA: prefill (eager, as the Generator does), then n_tokens greedy decode steps
+    through `step.profiled_call` (the runtime's CUDA-graphed hybrid step with timers). Keeps every
+    token's cold FFN inputs for `StepProfile.firing_counts`. Returns the StepProfile."""
+    from hybrid_runtime.hybrid_graph import StepProfile
+    prof = StepProfile(step, n_tokens, keep_inputs=n_tokens)
+    pos = torch.arange(len(prompt) + n_tokens + 1, device=device)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt], device=device), pos[:len(prompt)])[0, -1]
+        nxt = logits.argmax().view(1, 1)
+        for i in range(n_tokens):
+            p = len(prompt) + i
+            nxt = step.profiled_call(nxt, pos[p:p + 1], prof)[0, -1].argmax().view(1, 1)
+    return prof
+
+
+HOST_LABELS = {   # host timeline of the graphed step, in the order it is printed
+    "launch": "graph launches (3 replays per layer)",
+    "wait": "wait for x (GPU pre segment + D2H copy)",
+    "cold_ffn": "cold FFN call (Numba, CPU)",
+    "loop": "Python between layers",
+    "profiling": "profiler's own events and counters",
+    "first_last": "first + last graphs (embedding; norm + lm_head)",
+    "tail_sync": "end-of-token sync (GPU tail)",
+}
+GPU_LABELS = {
+    "pre": "pre: attention + predictor + D2H copies",
+    "hot": "hot FFN",
+    "idle_for_cpu": "idle: waiting for the CPU half",
+    "post": "post: H2D copy of y_cold + residual",
+    "gap": "gap: waiting for the next launch",
+    "first_last": "first + last graphs",
+}
+
+
+def summarise_graphed_profile(raw: dict, firing=None, precision: float | None = None,
+                              cpu_read_GBps: float | None = None, timed_ms: float | None = None) -> dict:
+    """StepProfile.raw() (+ firing counts (L, 3): selected, gate-fired, active over the kept tokens) ->
+    per-token ms and per-layer mean us of every host phase and GPU span, and the cold FFN's in-situ
+    read rate. Bytes the cold FFN reads per layer: every selected neuron's gate row, plus its up row
+    when the gate fires and its down row when the neuron is active; those two fractions are measured
+    (`firing`) or, without it, the predictors' test precision (said in `fraction_source`)."""
+    T, L = int(raw["tokens"]), int(raw["layers"])
+    host = np.asarray(raw["host_s"], np.float64).reshape(T, L, -1)           # (T, L, phases) s
+    gpu = np.asarray(raw["gpu_ms"], np.float64).reshape(T, L, -1)            # (T, L, spans) ms
+    th = dict(zip(raw["token_host_cols"], np.asarray(raw["token_host_s"], np.float64).reshape(T, -1).T))
+    tg = dict(zip(raw["token_gpu_cols"], np.asarray(raw["token_gpu_ms"], np.float64).reshape(T, -1).T))
+    hp, gs = list(raw["host_phases"]), list(raw["gpu_spans"])
+    n = max(T, 1)
+    host_layer_us = {p: 1e6 * host[:, :, k].mean(axis=0) for k, p in enumerate(hp)}    # (L,) each
+    gpu_layer_us = {s: 1e3 * gpu[:, :, k].mean(axis=0) for k, s in enumerate(gs)}
+    host_ms = {p: 1e3 * host[:, :, k].sum() / n for k, p in enumerate(hp)}
+    host_ms["first_last"] = 1e3 * (th["first"].sum() + th["last"].sum()) / n
+    host_ms["tail_sync"] = 1e3 * th["tail_sync"].sum() / n
+    gpu_ms = {s: gpu[:, :, k].sum() / n for k, s in enumerate(gs)}
+    gpu_ms["first_last"] = (tg["first"].sum() + tg["last"].sum()) / n
+
+    # cold FFN: selected neurons, what fires, bytes, rate
+    sel = np.asarray(raw["cold_selected"], np.float64).reshape(T, L).mean(axis=0)     # (L,) per token
+    row_bytes = np.asarray(raw["cold_row_bytes"], np.float64)
+    n_cold = np.asarray(raw["n_cold"], np.int64)
+    has_cold = n_cold > 0
+    up_frac = np.zeros(L)
+    down_frac = np.zeros(L)
+    if firing is not None and np.asarray(firing)[:, 0].sum() > 0:
+        f = np.asarray(firing, np.float64)
+        tot = f[has_cold].sum(axis=0)
+        up_all, down_all = tot[1] / max(tot[0], 1), tot[2] / max(tot[0], 1)
+        up_frac = np.where(f[:, 0] > 0, f[:, 1] / np.maximum(f[:, 0], 1), up_all)
+        down_frac = np.where(f[:, 0] > 0, f[:, 2] / np.maximum(f[:, 0], 1), down_all)
+        source = (f"measured: gate . x recomputed on the host for the {int(raw.get('firing_tokens', T))} profiled "
+                  "tokens (their cold FFN inputs kept during the pass)")
+    elif precision is not None:
+        up_frac[:], down_frac[:] = precision, precision
+        up_all = down_all = precision
+        source = f"estimated: the predictors' test precision {precision:.3f} (not measured in this pass)"
+    else:
+        up_frac[:], down_frac[:] = 1.0, 1.0
+        up_all = down_all = 1.0
+        source = "unknown: every selected neuron assumed to fire (an upper bound on the bytes)"
+    cold_bytes = sel * row_bytes * (1 + up_frac + down_frac)                   # (L,) per token
+    cold_s = host[:, :, hp.index("cold_ffn")].mean(axis=0)                      # (L,) per token
+    gbps = np.where(cold_s > 0, cold_bytes / np.maximum(cold_s, 1e-12) / 1e9, 0.0)
+    total_bytes, total_s = float(cold_bytes.sum()), float(cold_s.sum())
+    cold = {
+        "format": raw.get("cold_format"), "layers_with_cold_rows": int(has_cold.sum()),
+        "cold_neurons_per_layer": float(n_cold[has_cold].mean()) if has_cold.any() else 0.0,
+        "selected_per_token": float(sel.sum()),
+        "selected_per_layer": float(sel[has_cold].mean()) if has_cold.any() else 0.0,
+        "gate_fired_fraction": float(up_all), "active_fraction": float(down_all), "fraction_source": source,
+        "rows_per_selected": float(total_bytes / max((sel * row_bytes).sum(), 1e-12)) if total_bytes else 0.0,
+        "MB_per_token": total_bytes / 1e6, "ms_per_token": 1e3 * total_s,
+        "GBps": total_bytes / total_s / 1e9 if total_s > 0 else None, "cpu_read_GBps": cpu_read_GBps,
+    }
+    wall = 1e3 * th["wall"].sum() / n
+    return {
+        "kind": "graphed", "tokens": T, "layers": L, "wall_ms": wall, "timed_ms_per_token": timed_ms,
+        "host_timeline_ms": {k: host_ms[k] for k in HOST_LABELS},
+        "gpu_timeline_ms": {k: gpu_ms[k] for k in GPU_LABELS}, "gpu_total_ms": float(tg["total"].sum() / n),
+        "per_layer_mean_us": {"host": {p: float(v.mean()) for p, v in host_layer_us.items()},
+                              "gpu": {s: float(v.mean()) for s, v in gpu_layer_us.items()}},
+        "cold": cold,
+        "per_layer": {"host_us": {p: v.round(2).tolist() for p, v in host_layer_us.items()},
+                      "gpu_us": {s: v.round(2).tolist() for s, v in gpu_layer_us.items()},
+                      "cold_selected": sel.round(2).tolist(), "n_cold": n_cold.tolist(),
+                      "gate_fired_fraction": up_frac.round(4).tolist(), "active_fraction": down_frac.round(4).tolist(),
+                      "cold_MB": (cold_bytes / 1e6).round(4).tolist(), "cold_GBps": gbps.round(2).tolist()},
+    }
+
+
+def format_graphed_profile(p: dict, layers_table: bool = False) -> str:
+    """The graphed profile as text; layers_table adds one line per layer (the Markdown file has it)."""
+    L = max(p["layers"], 1)
+    wall = p["wall_ms"]
+    timed = p.get("timed_ms_per_token")
+    lines = [f"decode time breakdown, hybrid, CUDA-graphed step (the runtime's decode path): {p['tokens']} tokens "
+             f"x {p['layers']} layers",
+             f"  profiling pass {wall:.2f} ms/token" + (f" (timed runs: {timed:.2f} ms/token; the profiler's own work "
+                                                        f"is {p['host_timeline_ms']['profiling']:.2f} ms/token)"
+                                                        if timed else ""),
+             f"  host, per token (adds up to the {wall:.2f} ms wall)        ms/token  share  per layer us"]
+    for k, label in HOST_LABELS.items():
+        v = p["host_timeline_ms"][k]
+        per = p["per_layer_mean_us"]["host"].get(k)
+        lines.append(f"    {label:<50} {v:8.3f} {100 * v / max(wall, 1e-9):5.1f}%  " + (f"{per:9.1f}" if per is not None
+                                                                                       else f"{'-':>9}"))
+    g = p["gpu_total_ms"]
+    lines.append(f"  GPU, per token (CUDA events between the replays; adds up to {g:.2f} ms)")
+    for k, label in GPU_LABELS.items():
+        v = p["gpu_timeline_ms"][k]
+        per = p["per_layer_mean_us"]["gpu"].get(k)
+        lines.append(f"    {label:<50} {v:8.3f} {100 * v / max(g, 1e-9):5.1f}%  " + (f"{per:9.1f}" if per is not None
+                                                                                    else f"{'-':>9}"))
+    c = p["cold"]
+    if c["layers_with_cold_rows"]:
+        rate = f"{c['GBps']:.1f} GB/s" if c.get("GBps") else "-"
+        bw = (f" (CPU read bandwidth measured in this run: {c['cpu_read_GBps']:.1f} GB/s)"
+              if c.get("cpu_read_GBps") else "")
+        lines += [f"  cold FFN ({c['format']} rows, {c['layers_with_cold_rows']} layers): "
+                  f"{c['selected_per_layer']:.0f} of {c['cold_neurons_per_layer']:.0f} cold neurons selected per "
+                  "layer and token; of those "
+                  f"{100 * c['gate_fired_fraction']:.1f}% fire (up row read), {100 * c['active_fraction']:.1f}% active "
+                  f"(down row read)",
+                  f"    fractions {c['fraction_source']}",
+                  f"    {c['rows_per_selected']:.2f} rows per selected neuron -> {c['MB_per_token']:.1f} MB per "
+                  "token in "
+                  f"{c['ms_per_token']:.2f} ms of cold FFN calls = {rate} in situ{bw}"]
+    else:
+        lines.append("  no cold rows (every neuron on the GPU)")
+    if layers_table:
+        pl = p["per_layer"]
+        lines.append("  per layer, us (host: launch, wait, cold FFN, loop | GPU: pre, hot, idle, post, gap) "
+                     "| cold selected, fired %, MB, GB/s")
+        for i in range(L):
+            h = [pl["host_us"][k][i] for k in ("launch", "wait", "cold_ffn", "loop")]
+            gg = [pl["gpu_us"][k][i] for k in ("pre", "hot", "idle_for_cpu", "post", "gap")]
+            lines.append(f"    {i:3d}  " + " ".join(f"{v:7.1f}" for v in h) + "  |" + " ".join(f"{v:7.1f}" for v in gg)
+                         + f"  | {pl['cold_selected'][i]:7.1f} {100 * pl['gate_fired_fraction'][i]:5.1f} "
+                           f"{pl['cold_MB'][i]:7.3f} {pl['cold_GBps'][i]:6.1f}")
+    return "\n".join(lines)
+
+
+def format_any_profile(p: dict, layers_table: bool = False) -> str:
+    return format_graphed_profile(p, layers_table) if p.get("kind") == "graphed" else format_profile(p)
+
+
 # --------------------------------------------------------------------------------------- the run
 
 
@@ -719,8 +901,14 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def _time_runs(runner, ctx: Ctx, name: str, n_new: int, runs: int, cap_s: float) -> tuple[list[RunResult], str]:
-    """Warm-up (excluded), then up to `runs` timed runs, fewer when one run would not fit cap_s."""
+MIN_TIMED_TOKENS = 16     # a run shortened for the time budget keeps at least this many tokens
+
+
+def _time_runs(runner, ctx: Ctx, name: str, n_new: int, runs: int,
+               cap_s: float) -> tuple[list[RunResult], str, int]:
+    """Warm-up (excluded), then up to `runs` timed runs of n_new tokens: fewer runs when they would not
+    fit cap_s, and one shorter run (>= MIN_TIMED_TOKENS tokens) when even one would not. Returns
+    (results, note for the table, tokens per run)."""
     log = ctx.log
     t0 = time.perf_counter()
     warm = runner.generate(ctx.prompt, min(n_new, 8))
@@ -728,13 +916,49 @@ def _time_runs(runner, ctx: Ctx, name: str, n_new: int, runs: int, cap_s: float)
     per_tok = warm.decode_s / max(warm.decode_steps, 1)
     est = warm.prefill_s + per_tok * n_new * 1.1 + 0.05
     note = ""
-    allowed = max(1, int(cap_s // max(est, 1e-3)))
-    if allowed < runs:
+    allowed = int(cap_s // max(est, 1e-3))
+    if allowed < 1:
+        fit = int((cap_s - warm.prefill_s - 0.05) / max(per_tok * 1.1, 1e-9))
+        n_fit = max(min(n_new, fit), min(n_new, MIN_TIMED_TOKENS))
+        note = (f"1 run of {n_fit} tokens instead of {runs} x {n_new} (time budget; ~{est:.0f} s per full run, "
+                f"{cap_s:.0f} s left for it)")
+        runs, n_new = 1, n_fit
+    elif allowed < runs:
         note = f"{allowed} run(s) instead of {runs} (time budget; ~{est:.0f} s per run)"
         runs = allowed
     log(f"{name}: warm-up {warm_s:.1f} s (~{1 / max(per_tok, 1e-9):.1f} tok/s); {runs} timed run(s) of {n_new} tokens")
     results = [runner.generate(ctx.prompt, n_new) for _ in range(runs)]
-    return results, note
+    return results, note, n_new
+
+
+# Time-budget estimates per system, from the 7B H100 run of 2026-11-23 (13.5 GB of fp16 weights): load
+# seconds per GB of weights and decode ms per token per GB (llama.cpp and the CPU systems: guesses).
+# Used only to decide, before starting something, whether it can still fit --time-budget-s.
+LOAD_S_PER_GB = {"dense-gpu": 0.25, "hybrid": 0.95, "dense-offload": 0.36, "hybrid-gpu": 0.51, "hf-gpu": 0.17,
+                 "hf-offload": 0.11, "llamacpp-gpu": 1.0, "llamacpp-offload": 1.0, "dense-cpu": 0.5,
+                 "hybrid-cpu": 1.0, "hf-cpu": 0.5}
+DECODE_MS_PER_GB = {"dense-gpu": 0.63, "hybrid": 1.64, "dense-offload": 12.3, "hybrid-gpu": 0.49, "hf-gpu": 2.2,
+                    "hf-offload": 68.0, "llamacpp-gpu": 0.52, "llamacpp-offload": 4.1, "dense-cpu": 30.0,
+                    "hybrid-cpu": 30.0, "hf-cpu": 60.0}
+GGUF_EXPORT_S_PER_GB = 4.0     # f16 GGUF export: 4.1 s/GB measured on the 2-core dev VM (mostly one core)
+
+
+def dense_weight_bytes(cfg, wbytes: int = 2) -> int:
+    """Bytes of every weight of a LLaMA-shaped model in a 16-bit dtype."""
+    per_layer = (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
+                 + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim)
+    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    return wbytes * (cfg.n_layers * per_layer + emb + cfg.dim)
+
+
+def min_system_seconds(ctx: Ctx, name: str, new_tokens: int = MIN_TIMED_TOKENS) -> float:
+    """Rough least time a system needs here: load, an 8-token warm-up and one run of new_tokens tokens
+    (+ the GGUF export for llama.cpp when it is not on disk yet)."""
+    gb = dense_weight_bytes(ctx.cfg) / 1e9
+    s = 3.0 + LOAD_S_PER_GB.get(name, 1.0) * gb + (8 + new_tokens) * DECODE_MS_PER_GB.get(name, 30.0) * gb / 1e3
+    if name.startswith("llamacpp") and ctx.cuda and ctx.hf_dir is not None and not gguf_path(ctx).is_file():
+        s += GGUF_EXPORT_S_PER_GB * gb
+    return s
 
 
 def _summarise(results: list[RunResult]) -> dict:
@@ -956,22 +1180,54 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def llamacpp_gguf(ctx: Ctx) -> Path:
-    """The f16 GGUF of ctx.hf_dir, exported once and cached: beside the checkpoint when it lives in the
-    bench work dir, else under <work>/gguf/. Re-exported when the checkpoint's files change."""
-    from bench.gguf_export import export_gguf
+def gguf_path(ctx: Ctx) -> Path:
+    """Where the f16 GGUF of ctx.hf_dir lives: beside the checkpoint when it is in the bench work dir,
+    else under <work>/gguf/."""
     hf = ctx.hf_dir.resolve()
     work = Path(ctx.opts.work).expanduser().resolve()
     if work in hf.parents:
-        out = hf.parent / "llamacpp" / "model-f16.gguf"
-    else:
-        out = work / "gguf" / f"{hf.name}-{hashlib.sha1(str(hf).encode()).hexdigest()[:10]}-f16.gguf"
+        return hf.parent / "llamacpp" / "model-f16.gguf"
+    return work / "gguf" / f"{hf.name}-{hashlib.sha1(str(hf).encode()).hexdigest()[:10]}-f16.gguf"
+
+
+def drop_gguf(ctx: Ctx, reason: str | None) -> None:
+    """Delete the exported GGUF (after the llama.cpp systems): always when `reason` is given, else
+    only when the disk is short, i.e. another file of its size would not fit any more."""
+    from bench.synthetic import free_bytes, need_with_margin
+    if ctx.hf_dir is None:
+        return
+    out = gguf_path(ctx)
+    if not out.is_file():
+        return
+    size, free = out.stat().st_size, free_bytes(out.parent)
+    if reason is None and free >= need_with_margin(size):
+        return
+    out.unlink()
+    out.with_name(out.name + ".source.json").unlink(missing_ok=True)
+    why = reason or f"disk short: {free / GiB:.1f} GiB free"
+    ctx.log(f"llama.cpp: deleted {out} ({size / GiB:.1f} GiB; {why})")
+
+
+def llamacpp_gguf(ctx: Ctx) -> Path:
+    """The f16 GGUF of ctx.hf_dir, exported once and cached (gguf_path). Re-exported when the
+    checkpoint's files change. _Skip when the disk or the time budget cannot take the export."""
+    from bench.gguf_export import export_gguf
+    from bench.synthetic import free_bytes, need_with_margin
+    hf = ctx.hf_dir.resolve()
+    out = gguf_path(ctx)
     srcs = sorted(p for p in hf.iterdir() if p.suffix in (".json", ".safetensors"))
     fingerprint = {"source": str(hf), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in srcs}}
     stamp = out.with_name(out.name + ".source.json")
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         ctx.log(f"llama.cpp: reusing {out} ({out.stat().st_size / GiB:.2f} GiB)")
         return out
+    need, free = dense_weight_bytes(ctx.cfg), free_bytes(out.parent)
+    if free < need_with_margin(need):
+        raise _Skip(f"not enough disk for the f16 GGUF: needs {need_with_margin(need) / GiB:.1f} GiB, "
+                    f"{free / GiB:.1f} GiB free in {out.parent}")
+    est = GGUF_EXPORT_S_PER_GB * need / 1e9
+    if ctx.log.remaining() < est + 20:
+        raise _Skip(f"time budget: the GGUF export needs ~{est:.0f} s, {max(ctx.log.remaining(), 0):.0f} s left")
     t0 = time.perf_counter()
     ctx.log(f"llama.cpp: exporting {hf} to an f16 GGUF at {out}")
     export_gguf(hf, out, "f16")
@@ -1034,7 +1290,9 @@ def build_llamacpp(ctx: Ctx, offload: bool = False):
     if ctx.cuda and not llama_cpp.llama_supports_gpu_offload():
         raise _Skip("llama-cpp-python was built without GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on; "
                     "see bench/build_llamacpp_device.sh)")
+    t_export = time.perf_counter()
     path = llamacpp_gguf(ctx)
+    export_s = time.perf_counter() - t_export      # ~0 when reused; not part of the system's run time
     cfg = ctx.cfg
     n_gpu = offload_layers_for_budget(cfg, ctx.budget, ctx.context) if offload else cfg.n_layers
     n_gpu = n_gpu if ctx.cuda else 0
@@ -1044,7 +1302,8 @@ def build_llamacpp(ctx: Ctx, offload: bool = False):
                           n_batch=max(512, len(ctx.prompt)), n_threads=threads, n_threads_batch=threads,
                           logits_all=False, flash_attn=ctx.cuda, verbose=False)
     act = getattr(cfg, "act", "silu")
-    info = {"gguf": str(path), "gguf_gib": round(path.stat().st_size / GiB, 3), "dtype": "f16",
+    info = {"gguf": str(path), "gguf_gib": round(path.stat().st_size / GiB, 3), "gguf_export_s": round(export_s, 1),
+            "dtype": "f16",
             "n_gpu_layers": n_gpu if offload else -1, "gpu_layers": n_gpu, "cpu_layers": cfg.n_layers - n_gpu,
             "threads": threads, "flash_attn": ctx.cuda, "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
             "activation": "silu (llama.cpp's llama arch)" + ("" if act == "silu" else f"; the model's is {act}: "
@@ -1120,9 +1379,12 @@ def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
         row["load_s"] = round(time.perf_counter() - t0, 2)
         row["info"] = info
         log(f"{name}: loaded in {row['load_s']:.1f} s; {json.dumps({k: v for k, v in info.items() if k != 'device_map'})}")
-        spent = time.perf_counter() - t0
-        cap = max(10.0, (budget_s if budget_s is not None else ctx.log.remaining()) - spent - 5.0)
-        results, note = _time_runs(runner, ctx, name, n_new, opts.runs, cap)
+        spent = time.perf_counter() - t0 - info.get("gguf_export_s", 0.0)   # a one-off export is not load time
+        # what is left of this system's share for the timed runs (_time_runs trims them to fit), never more
+        # than what is left of the whole budget
+        share = budget_s if budget_s is not None else ctx.log.remaining()
+        cap = max(2.0, min(share - spent - 5.0, ctx.log.remaining() - 15.0))
+        results, note, n_new = _time_runs(runner, ctx, name, n_new, opts.runs, cap)
         if note:
             row["notes"].append(note)
         row.update(_summarise(results))
@@ -1134,9 +1396,9 @@ def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
             ctx.reference_tokens = results[0].tokens
         row["same_tokens_as_dense"] = _agreement(results[0].tokens, ctx.reference_tokens)
         if opts.profile_time and name in ("hybrid", "hybrid-cpu") and hasattr(runner, "lm"):
-            prof = PhaseProfiler(runner.lm.model, ctx.cuda)
-            row["profile_time"] = prof.run(runner.lm.model, ctx.prompt, opts.profile_tokens, runner.lm.device)
-            log(format_profile(row["profile_time"]))
+            prof = run_profile_time(ctx, runner.lm, row)
+            if prof is not None:
+                row["profile_time"] = prof
     except _Skip as e:
         row.update(status="skipped", reason=str(e))
     except UserError as e:
@@ -1147,7 +1409,12 @@ def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
     finally:
         runner = None
         if ctx.cuda:
-            row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
+            torch_peak = torch.cuda.max_memory_allocated() / GiB
+            device_wide = (row.get("info") or {}).get("gpu_used_gib")
+            if device_wide is not None:   # llama.cpp allocates outside torch: its runner measures device-wide
+                row.update(peak_gpu_gib=device_wide, peak_gpu_source="device-wide", torch_peak_gpu_gib=torch_peak)
+            else:
+                row.update(peak_gpu_gib=torch_peak, peak_gpu_source="torch")
         row["cpu_rss_gib"] = _proc_status("VmHWM") or _proc_status("VmRSS")
         free_memory(ctx.cuda)
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -1157,6 +1424,37 @@ def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
     else:
         log(f"{name}: {row['status']}: {row.get('reason')}")
     return row
+
+
+def run_profile_time(ctx: Ctx, lm, row: dict) -> dict | None:
+    """--profile-time for a hybrid system: the CUDA-graphed step when the runtime decodes with one (its
+    real decode path), else the eager phase profiler (the CPU runtime; a failed graph capture)."""
+    from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep
+    n = ctx.opts.profile_tokens
+    step = lm.decode_step
+    ms = row.get("ms_per_token") or 100.0
+    est = n * ms * 2.5 / 1e3 + 0.1 * ctx.cfg.n_layers + 3.0       # eager is slower; + the firing recompute
+    if ctx.log.remaining() < est + 10:
+        ctx.log.note(f"{row['system']}: --profile-time pass skipped (time budget: ~{est:.0f} s needed, "
+                     f"{max(ctx.log.remaining(), 0):.0f} s left)")
+        return None
+    if isinstance(step, HybridGraphedDecodeStep):
+        t0 = time.perf_counter()
+        prof = profile_graphed_step(step, lm.model, ctx.prompt, n, lm.device)
+        t1 = time.perf_counter()
+        firing = prof.firing_counts()
+        t2 = time.perf_counter()
+        raw = prof.raw()
+        raw["firing_tokens"] = min(prof.n, prof.keep)
+        out = summarise_graphed_profile(raw, firing, ctx.predictor_precision, ctx.bw.get("cpu_read_GBps"),
+                                        row.get("ms_per_token"))
+        out["seconds"] = {"profiling_pass": round(t1 - t0, 2), "firing_recompute": round(t2 - t1, 2)}
+        ctx.log(format_graphed_profile(out))
+        return out
+    out = PhaseProfiler(lm.model, ctx.cuda).run(lm.model, ctx.prompt, n, lm.device)
+    out["kind"] = "eager"
+    ctx.log(format_profile(out))
+    return out
 
 
 class _Points(list):
@@ -1191,14 +1489,17 @@ def run_sweep(ctx: Ctx, budgets: list[float], main_rows: dict, min_budget: int, 
                                    "reason": f"below the hybrid minimum {min_budget / GiB:.2f} GiB"})
                     log(f"sweep {b:g} GiB {name}: skipped (below the minimum {min_budget / GiB:.2f} GiB)")
                     continue
-                if log.remaining() < 40:
-                    points.append({**key, "status": "skipped", "reason": "time budget"})
+                need = min_system_seconds(ctx, name, opts.sweep_new_tokens)
+                if log.remaining() < need + 10:
+                    reason = f"time budget: ~{need:.0f} s needed, {max(log.remaining(), 0):.0f} s left"
+                    points.append({**key, "status": "skipped", "reason": reason})
+                    log.note(f"sweep {b:g} GiB {name} skipped ({reason})")
                     continue
                 ctx.budget = int(b * GiB)
-                row = run_system(ctx, name, budget_s=min(45.0, log.remaining() - 10))
+                row = run_system(ctx, name, budget_s=min(max(45.0, 1.5 * need), log.remaining() - 10))
                 points.append({**key, "status": row["status"], "decode_tps": row.get("decode_tps"),
-                               "reason": row.get("reason"), "source": f"sweep ({opts.sweep_new_tokens} tokens, 1 run)",
-                               "peak_gpu_gib": row.get("peak_gpu_gib")})
+                               "reason": row.get("reason"), "source": f"sweep ({row.get('new_tokens')} tokens, 1 run)",
+                               "peak_gpu_gib": row.get("peak_gpu_gib"), "notes": row.get("notes", [])})
     finally:
         ctx.budget, opts.new_tokens, opts.runs, opts.profile_time = saved
     return points
@@ -1230,8 +1531,9 @@ def format_tables(res: dict, markdown: bool = False) -> str:
             body.append([r["system"], _f(r.get("budget_gib"), "g"), f"{r['status']}: {r.get('reason', '')}"])
             continue
         same = r.get("same_tokens_as_dense")
+        peak = _f(r.get("peak_gpu_gib"), ".2f") + ("*" if r.get("peak_gpu_source") == "device-wide" else "")
         body.append([r["system"], _f(r.get("budget_gib"), "g"), _f(r["prefill_tps"]), _f(r["decode_tps"], ".2f"),
-                     _f(r["ms_per_token"], ".2f"), _f(r.get("peak_gpu_gib"), ".2f"), _f(r.get("cpu_rss_gib"), ".2f"),
+                     _f(r["ms_per_token"], ".2f"), peak, _f(r.get("cpu_rss_gib"), ".2f"),
                      _f(r.get("limit_tps")), _f(100 * r["achieved_of_limit"] if r.get("achieved_of_limit") else None,
                                                 ".0f") + ("%" if r.get("achieved_of_limit") else ""),
                      str(r["runs"]), "-" if same is None else f"{same}/{r['new_tokens']}"])
@@ -1285,9 +1587,21 @@ def checks(res: dict) -> list[str]:
 
     def ratio(a, b):
         return ok[a]["decode_tps"] / ok[b]["decode_tps"]
+    if "hybrid" in ok and "llamacpp-offload" in ok:
+        out.append(f"hybrid vs llama.cpp at the same budget: {ratio('hybrid', 'llamacpp-offload'):.2f}x "
+                   "(target >= 4.5x, goal >= 8x)")
     if "hybrid" in ok and "dense-offload" in ok:
         out.append(f"hybrid vs dense layer offload at the same budget: {ratio('hybrid', 'dense-offload'):.2f}x "
                    "(targets vs llama.cpp at the same budget: >= 4.5x, goal >= 8x)")
+    if "hybrid" in ok and "llamacpp-gpu" in ok:
+        out.append(f"hybrid at the budget vs llama.cpp with the whole model on the GPU: "
+                   f"{ratio('hybrid', 'llamacpp-gpu'):.2f}x (goal: >= 1x)")
+    if "hybrid-gpu" in ok and "llamacpp-gpu" in ok:
+        out.append(f"hybrid fully on the GPU vs llama.cpp fully on the GPU: {ratio('hybrid-gpu', 'llamacpp-gpu'):.2f}x "
+                   "(target >= 2x)")
+    if "dense-gpu" in ok and "llamacpp-gpu" in ok:
+        out.append(f"this engine dense on the GPU vs llama.cpp on the GPU: {ratio('dense-gpu', 'llamacpp-gpu'):.2f}x "
+                   "(target >= 1x)")
     if "hybrid" in ok and ok["hybrid"].get("achieved_of_limit"):
         out.append(f"hybrid decode at {100 * ok['hybrid']['achieved_of_limit']:.0f}% of its physical limit "
                    "(target >= 60%)")
@@ -1301,26 +1615,64 @@ def checks(res: dict) -> list[str]:
     return out
 
 
-def device_info(cuda: bool) -> dict:
+CPU_FLAGS = ("f16c", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str) -> dict[str, bool]:
+    """The /proc/cpuinfo flags that matter to the CPU kernels (16-bit conversion, vector width)."""
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    return {f: f in flags for f in CPU_FLAGS}
+
+
+def numba_runtime_info() -> dict:
+    """Numba's threads and threading layer (known only after a parallel kernel ran), and which fp16
+    widening the cold kernels compiled (F16C instructions or integer bit manipulation)."""
+    import numba
+    out = {"numba_threads": numba.get_num_threads(), "numba_max_threads": numba.config.NUMBA_NUM_THREADS}
+    try:
+        out["numba_threading_layer"] = numba.threading_layer()
+    except ValueError:      # no parallel kernel has run yet
+        out["numba_threading_layer"] = None
+    from hybrid_runtime import cpu_ffn
+    has = getattr(cpu_ffn, "HAS_F16C", None)
+    out["numba_fp16_widening"] = None if has is None else ("F16C (vcvtph2ps)" if has else "integer bit manipulation")
+    return out
+
+
+def device_info(cuda: bool, work: str | None = None) -> dict:
     import transformers
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+            "cpu_cores": os.cpu_count(), "physical_cores": physical_cores(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
     try:
         import numba
-        info["numba_threads"] = numba.get_num_threads()
+        info.update(numba=numba.__version__, numba_threads=numba.get_num_threads())
     except ImportError:
         pass
     try:
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
                             if line.startswith("model name")), platform.processor())
+        info["cpu_flags"] = cpu_flags(cpuinfo)
         info["ram_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 ** 2, 1)
     except (OSError, IndexError, ValueError):
         pass
+    if work is not None:
+        from bench.synthetic import free_bytes
+        info["work_disk_free_gib"] = round(free_bytes(Path(work)) / GiB, 1)
     if cuda:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(p.total_memory / GiB, 1),
                     cuda=torch.version.cuda)
     return info
+
+
+def _note_cold_format(res: dict, row: dict) -> None:
+    """Device info: the cold-row format the hybrid systems really used (--cold-format auto picks it)."""
+    fmt = (row.get("info") or {}).get("cold_format")
+    if row.get("status") == "ok" and fmt:
+        rows = res["device"].setdefault("cold_rows", {"requested": res["settings"].get("cold_format"), "used": {}})
+        rows["used"][row["system"]] = fmt
 
 
 def result_stem(res: dict) -> str:
@@ -1363,8 +1715,10 @@ def format_model(m: dict) -> str:
         f"- sparsity: target {100 * (1 - sy['mean_density']):.1f}%; on the calibration text {100 * b['calibration_sparsity']:.1f}%; "
         f"measured by the profile on {pr['tokens']} other tokens {100 * pr['sparsity']:.1f}%",
         f"- frequency skew (profile): top 10% of neurons serve {100 * pr['top10']:.1f}% of activations, top 20% "
-        f"{100 * pr['top20']:.1f}%, top 50% {100 * pr['top50']:.1f}%; never-active neurons: {pr['dead']} "
-        f"(log-normal sigma {sy['freq_sigma']}, latent dim {sy['latent_dim']}, noise {sy['noise']})",
+        f"{100 * pr['top20']:.1f}%" + (f", top 32% {100 * pr['top32']:.1f}%" if "top32" in pr else "")
+        + f", top 50% {100 * pr['top50']:.1f}%; never-active neurons: {pr['dead']} "
+        f"(sparsity profile {sy.get('sparsity_profile', 'prosparse')}: log-normal sigma {sy['freq_sigma']}; latent dim "
+        f"{sy['latent_dim']}, noise {sy['noise']})",
         f"- predictors (project pipeline, time-budget settings: {pp['samples_per_layer']} samples/layer from "
         f"{pp['profile_tokens']} profiled tokens, fixed rank {pd['rank']}, {pd['max_epochs']} epochs, input "
         f"{pd['input']}): test recall {pd['recall']:.3f}, precision {pd['precision']:.3f}, predicted density "
@@ -1372,6 +1726,57 @@ def format_model(m: dict) -> str:
         f"({pd['pred_density'] / max(pd['true_density'], 1e-9):.2f}x); {pd['params'] / 1e6:.1f} M parameters",
         "- pipeline phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in m.get("pipeline_phases_s", {}).items()),
     ]
+    return "\n".join(lines)
+
+
+def format_sparsity_profile(m: dict) -> str:
+    """The synthetic model's sparsity preset next to what this run measured on it."""
+    from bench.synthetic import PROFILE_TARGETS
+    sy, pr, pd = m["synthetic"], m["profile"], m["predictors"]
+    name = sy.get("sparsity_profile", "prosparse")
+    target = PROFILE_TARGETS.get(name.split("+")[0], {})
+    top32 = pr.get("top32")
+    lines = [f"Preset `{name}`: {target.get('source', 'custom')}; construction targets mean density "
+             f"{sy['mean_density']:.3f} (sparsity {100 * (1 - sy['mean_density']):.1f}%), log-normal sigma "
+             f"{sy['freq_sigma']}.",
+             "",
+             "| | this run's model (measured) | preset's reference figure |",
+             "|---|---|---|",
+             f"| activation density (profile, {pr['tokens']} unseen tokens) | {1 - pr['sparsity']:.3f} | "
+             + (f"{1 - target['sparsity']:.3f}" if "sparsity" in target else "-") + " |",
+             f"| predicted density (predictors mark active per token) | {pd['pred_density']:.3f} | "
+             + (f"~{target['predicted_density']:.2f}" if "predicted_density" in target else "-") + " |",
+             "| share of activations on the top 32% of neurons | " + (f"{top32:.3f}" if top32 is not None else "-")
+             + " | " + (f"{target['top32']:.2f}" if "top32" in target else "-") + " |",
+             f"| share on the top 20% | {pr['top20']:.3f} | - |", ""]
+    if "predicted_density" in target:
+        lines.append("PowerInfer's figures in the reference list (27.4 tok/s at 8 GiB, 66.3 tok/s on the GPU) were "
+                     "measured on PowerInfer's own synthetic model with this profile, in a separate run: a comparison "
+                     "with them is by profile, not side by side (different model weights, predictors and run).")
+    else:
+        lines.append("The reference figures below were measured in separate runs (PowerInfer on a different "
+                     "sparsity profile: predictors marking ~24% active, top 32% serving 61%; run "
+                     "`--sparsity-profile powerinfer` for that profile); they are not side by side with this table.")
+    return "\n".join(lines)
+
+
+def format_machine(dev: dict) -> str:
+    flags = dev.get("cpu_flags") or {}
+    cold = dev.get("cold_rows") or {}
+    used = sorted(set((cold.get("used") or {}).values()))
+    flag_text = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()) or "unknown"
+    lines = [f"- CPU: {dev.get('cpu', '?')}, {dev.get('cpu_cores')} logical / {dev.get('physical_cores')} physical "
+             f"cores, {dev.get('ram_gib')} GiB RAM; flags: {flag_text}",
+             f"- Numba {dev.get('numba', '?')}: {dev.get('numba_threads')} threads "
+             f"(max {dev.get('numba_max_threads')}), "
+             f"threading layer {dev.get('numba_threading_layer')}; fp16 cold rows widened by "
+             f"{dev.get('numba_fp16_widening')}; torch {dev.get('torch')} with {dev.get('torch_threads')} threads",
+             f"- cold rows: requested {cold.get('requested', '-')}, used {', '.join(used) if used else '-'}"
+             + (" (" + ", ".join(f"{k}: {v}" for k, v in cold.get("used", {}).items()) + ")" if used else ""),
+             f"- GPU: {dev.get('gpu', 'none')}" + (f", {dev.get('gpu_memory_gib')} GiB, CUDA {dev.get('cuda')}"
+                                                    if dev.get("gpu") else ""),
+             f"- disk free in --work at the start: {dev.get('work_disk_free_gib', '?')} GiB; "
+             f"Python {dev.get('python')}, transformers {dev.get('transformers')}"]
     return "\n".join(lines)
 
 
@@ -1386,6 +1791,11 @@ def format_markdown(res: dict) -> str:
              "\"same tokens\": generated tokens equal to the dense engine's before the first difference. The "
              "synthetic model's logits are random, with tiny top-1 margins: the approximate predictor mode diverges "
              "within a few tokens there, so this column checks the dense/exact systems, not the hybrid's quality.",
+             "",
+             "\"peak GPU GiB\": `torch.cuda.max_memory_allocated()` over the system's load and runs for this engine "
+             "and transformers (tensors torch allocated, not its reserved cache); for llama.cpp (marked *), which "
+             "allocates outside torch, the device-wide use: free memory (`cudaMemGetInfo`) before loading minus the "
+             "least free memory seen after each run (its weights, KV cache and compute buffers).",
              ""]
     if res.get("checks"):
         lines += ["## Targets (issue 7)", ""] + [f"- {c}" for c in res["checks"]] + [""]
@@ -1393,15 +1803,22 @@ def format_markdown(res: dict) -> str:
     if bw:
         lines += ["## Bandwidths measured in this run", ""] + [f"- {k}: {_f(v, '.1f') if isinstance(v, float) else v}"
                                                              for k, v in bw.items()] + [""]
+    lines += ["## Machine", "", format_machine(res.get("device", {})), ""]
+    if m.get("synthetic") and m.get("profile"):
+        lines += ["## Sparsity profile", "", format_sparsity_profile(m), ""]
     if m:
         lines += ["## Model", "", format_model(m), ""]
         if m.get("construction"):
             lines += ["Construction of the synthetic model (bench/synthetic.py):", "", m["construction"], ""]
     prof = [r for r in res["systems"] if r.get("profile_time")]
     for r in prof:
-        lines += [f"## Decode time breakdown ({r['system']})", "", "```", format_profile(r["profile_time"]), "```", ""]
+        pt = r["profile_time"]
+        title = "CUDA-graphed step" if pt.get("kind") == "graphed" else "eager step, phase timers"
+        lines += [f"## Decode time breakdown ({r['system']}, {title})", "", "```", format_any_profile(pt, True),
+                  "```", ""]
     notes = [f"- {r['system']}: {n}" for r in res["systems"] for n in r.get("notes", [])] + \
-            [f"- {n}" for n in res.get("notes", [])]
+            [f"- sweep {p['budget_gib']:g} GiB {p['system']}: {n}" for p in res.get("sweep") or []
+             for n in p.get("notes", [])] + [f"- {n}" for n in res.get("notes", [])]
     if notes:
         lines += ["## Notes", ""] + notes + [""]
     lines += ["## Reference figures (issue 7: H100 machine, 7B shape, random weights; NOT this run)", ""] + \
@@ -1474,37 +1891,55 @@ def _prewarm(cuda: bool, log: BenchLog) -> threading.Thread:
     return th
 
 
-def _resolve_model(opts: BenchOptions, cuda: bool, log: BenchLog, phases: dict):
-    """-> (model record, hf_dir, dense_dir, hybrid_dir, prompt ids, predictor precision)."""
-    from bench.synthetic import SHAPES, prepare_bench_model, prompt_token_ids, shape_configs
+def _synthetic_configs(opts: BenchOptions, cuda: bool):
+    """(name, SyntheticConfig, PipelineConfig) of a synthetic --model, or None for a model directory."""
+    from bench.synthetic import SHAPES, shape_configs
     name = opts.model
     if name == "auto":
         name = SYNTHETIC_PREFIX + ("7b" if cuda else "small")
-    if name.startswith(SYNTHETIC_PREFIX):
-        shape = name[len(SYNTHETIC_PREFIX):]
-        if shape not in SHAPES:
-            raise UserError(f"--model {name}: unknown synthetic shape (choose from "
-                            f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}, or a model directory)")
-        syn, pipe = shape_configs(shape, seed=opts.seed, **opts.pipeline)
-        log(f"model: synthetic {shape} (d={syn.dim}, f={syn.ffn_dim}, {syn.n_layers} layers, "
-            f"{syn.n_params() / 1e9:.2f} B params); pipeline {asdict(pipe)}")
+    if not name.startswith(SYNTHETIC_PREFIX):
+        return None
+    shape = name[len(SYNTHETIC_PREFIX):]
+    if shape not in SHAPES:
+        raise UserError(f"--model {name}: unknown synthetic shape (choose from "
+                        f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}, or a model directory)")
+    over = dict(opts.pipeline)
+    if opts.target_density is not None:
+        over["mean_density"] = opts.target_density
+    if opts.freq_sigma is not None:
+        over["freq_sigma"] = opts.freq_sigma
+    syn, pipe = shape_configs(shape, seed=opts.seed, sparsity_profile=opts.sparsity_profile, **over)
+    return name, syn, pipe
 
-        def on_phase(n, s):
-            phases[f"model: {n}"] = s
-            log(f"model: {n} done in {s:.1f} s")
-        bm = prepare_bench_model(syn, pipe, Path(opts.work), "cuda" if cuda else "cpu", rebuild=opts.rebuild,
-                                 progress=False, on_phase=on_phase)
-        man = bm.manifest
-        prompt = prompt_token_ids(opts.prompt_tokens, syn.vocab_size, opts.seed)
-        record = {"name": name, "path": str(bm.work), "synthetic": man["synthetic"], "pipeline": man["pipeline"],
-                  "construction": man["construction"], "build": man["build"],
-                  "profile": {k: v for k, v in man["profile"].items() if k != "layers"},
-                  "predictors": {k: v for k, v in man["predictors"].items() if k != "per_layer"},
-                  "pipeline_phases_s": man["phases"], "reused": "model: build+calibrate" not in phases}
-        return record, bm.hf_dir, bm.hf_dir, bm.hybrid_dir, prompt, man["predictors"]["precision"]
-    path = Path(name).expanduser()
+
+def _prepare_synthetic(opts: BenchOptions, name: str, syn, pipe, cuda: bool, log: BenchLog, phases: dict,
+                       before_pack=None):
+    """Build (or reuse) the synthetic model -> (model record, hf_dir, dense_dir, hybrid_dir, precision)."""
+    from bench.synthetic import prepare_bench_model
+    log(f"model: synthetic {syn.name} (d={syn.dim}, f={syn.ffn_dim}, {syn.n_layers} layers, "
+        f"{syn.n_params() / 1e9:.2f} B params), sparsity profile {syn.sparsity_profile} (mean density "
+        f"{syn.mean_density}, sigma {syn.freq_sigma}); pipeline {asdict(pipe)}")
+
+    def on_phase(n, s):
+        phases[f"model: {n}"] = s
+        log(f"model: {n} done in {s:.1f} s")
+    bm = prepare_bench_model(syn, pipe, Path(opts.work), "cuda" if cuda else "cpu", rebuild=opts.rebuild,
+                             progress=False, on_phase=on_phase, before_pack=before_pack)
+    man = bm.manifest
+    record = {"name": name, "path": str(bm.work), "synthetic": man["synthetic"], "pipeline": man["pipeline"],
+              "construction": man["construction"], "build": man["build"],
+              "profile": {k: v for k, v in man["profile"].items() if k != "layers"},
+              "predictors": {k: v for k, v in man["predictors"].items() if k != "per_layer"},
+              "pipeline_phases_s": man["phases"], "reused": "model: build+calibrate" not in phases}
+    return record, bm.hf_dir, bm.hf_dir, bm.hybrid_dir, man["predictors"]["precision"]
+
+
+def _resolve_dir(opts: BenchOptions, log: BenchLog):
+    """A model directory -> (model record, hf_dir, dense_dir, hybrid_dir, prompt ids, predictor precision)."""
+    from bench.synthetic import SHAPES
+    path = Path(opts.model).expanduser()
     if not (path / "config.json").is_file():
-        raise UserError(f"--model {name}: not a model directory (no config.json) and not one of "
+        raise UserError(f"--model {opts.model}: not a model directory (no config.json) and not one of "
                         f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}")
     from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
     from hybrid_runtime.loading import load_tokenizer
@@ -1526,18 +1961,35 @@ def _resolve_model(opts: BenchOptions, cuda: bool, log: BenchLog, phases: dict):
     return record, hf_dir, hf_dir or path, hybrid_dir, ids, precision
 
 
-def hybrid_min_budget(hybrid_dir: Path, context: int) -> int:
-    """GPU bytes the hybrid needs before any FFN neuron (the placement solver's fixed part)."""
-    from hybrid_runtime.hybrid_format import read_hybrid_meta
-    from hybrid_runtime.loading import load_config
+def hybrid_min_budget_for(cfg, predictor_file_bytes: int, context: int) -> int:
+    """GPU bytes the hybrid needs before any FFN neuron (the placement solver's fixed part); the
+    predictors are stored fp32 and run in the 16-bit model dtype (half the file)."""
     from hybrid_runtime.placement import ModelShape, solve_placement
     from hybrid_runtime.session import WORKSPACE_BYTES
-    cfg = load_config(hybrid_dir)
-    meta = read_hybrid_meta(hybrid_dir)
-    pred = meta.predictors_file.stat().st_size // cfg.n_layers // 2 if meta.predictors_file else 0
+    pred = predictor_file_bytes // cfg.n_layers // 2
     p = solve_placement(ModelShape.from_config(cfg), [np.zeros(cfg.ffn_dim)] * cfg.n_layers, 2 ** 62,
                         context=context, predictor_bytes=pred, workspace_bytes=WORKSPACE_BYTES)
     return int(sum(p.fixed_bytes.values()))
+
+
+def hybrid_min_budget(hybrid_dir: Path, context: int) -> int:
+    from hybrid_runtime.hybrid_format import read_hybrid_meta
+    from hybrid_runtime.loading import load_config
+    meta = read_hybrid_meta(hybrid_dir)
+    return hybrid_min_budget_for(load_config(hybrid_dir), meta.predictors_file.stat().st_size
+                                 if meta.predictors_file else 0, context)
+
+
+def _check_budgets(opts: BenchOptions, systems: list[str], budget: int, cfg, min_budget: int | None) -> None:
+    """UserError when --gpu-memory is below what a requested budgeted system needs (before any build)."""
+    budgeted = [s for s in systems if SYSTEMS[s].budgeted]
+    if "hybrid" in budgeted and min_budget is not None and budget < min_budget:
+        raise UserError(f"--gpu-memory {opts.gpu_memory} is below the minimum for the hybrid on this model: "
+                        f"{math.ceil(min_budget / GiB * 100) / 100:.2f} GiB (embeddings, lm_head, attention, KV cache, "
+                        "predictors, workspace)")
+    if budgeted and budget < offload_layers_min(cfg):
+        raise UserError(f"--gpu-memory {opts.gpu_memory} is below the minimum for layer offload on this model: "
+                        f"{math.ceil(offload_layers_min(cfg) / GiB * 100) / 100:.2f} GiB (embeddings, lm_head, workspace)")
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -1558,12 +2010,7 @@ def run_bench(opts: BenchOptions) -> dict:
     if opts.cold_format not in ("auto", "bf16", "fp16", "int8"):
         raise UserError(f"--cold-format must be auto, bf16, fp16 or int8, got {opts.cold_format!r}")
     set_threads(opts.threads)
-    if opts.model.startswith(SYNTHETIC_PREFIX) or opts.model == "auto":
-        from bench.synthetic import SHAPES
-        shape = opts.model[len(SYNTHETIC_PREFIX):] if opts.model != "auto" else ("7b" if cuda else "small")
-        if shape not in SHAPES:
-            raise UserError(f"--model {opts.model}: unknown synthetic shape (choose from "
-                            f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}, or a model directory)")
+    synthetic = _synthetic_configs(opts, cuda)
     log(f"bench: systems {', '.join(systems)}; budget {budget / GiB:g} GiB; prompt {opts.prompt_tokens}, "
         f"new {opts.new_tokens}, runs {opts.runs}; time budget {opts.time_budget_s:.0f} s; CUDA {cuda}")
     if not cuda:
@@ -1573,7 +2020,7 @@ def run_bench(opts: BenchOptions) -> dict:
     phases: dict[str, float] = {}
     date = time.strftime("%Y-%m-%d")
     res: dict = {"format": "hybrid-bench-results", "version": 1, "date": date, "complete": False,
-                 "device": device_info(cuda), "systems": [], "phases": phases,
+                 "device": device_info(cuda, opts.work), "systems": [], "phases": phases,
                  "settings": {k: v for k, v in asdict(opts).items()}}
     out_dir = Path(opts.out)
     stem = result_stem(res)
@@ -1581,66 +2028,98 @@ def run_bench(opts: BenchOptions) -> dict:
         stem += time.strftime("-%H%M%S")
     prewarm = _prewarm(cuda, log)
     try:
-        return _run(opts, log, cuda, systems, budgets, budget, phases, res, stem, prewarm)
+        return _run(opts, log, cuda, systems, budgets, budget, phases, res, stem, prewarm, synthetic)
     finally:
         prewarm.join(timeout=60)   # an early error: let the background compile finish quietly
 
 
 def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budgets: list[float], budget: int,
-         phases: dict, res: dict, stem: str, prewarm: threading.Thread) -> dict:
+         phases: dict, res: dict, stem: str, prewarm: threading.Thread, synthetic) -> dict:
+    from hybrid_runtime.loading import load_config
     out_dir = Path(opts.out)
+    n_ctx = max(opts.new_tokens, opts.profile_tokens, opts.sweep_new_tokens) + 8
+    rows_done: dict[str, dict] = {}      # systems run before the main loop (disk: llama.cpp before the pack)
+
+    def ensure_bandwidths() -> None:
+        """Measured once, after the background compile (it would compete for the CPU)."""
+        if "bandwidth" in res:
+            return
+        t = time.perf_counter()
+        prewarm.join()
+        phases["wait for prewarm"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        nbytes = 1 * GiB if cuda else 128 * 1024 ** 2
+        bw = {"cpu_read_GBps": measure_cpu_read_bw(nbytes), "cpu_read_buffer_bytes": nbytes}
+        res["device"].update(numba_runtime_info())     # the threading layer is known after a parallel call
+        if cuda:
+            bw.update(measure_gpu_bw(1 * GiB))
+            free_memory(True)
+        mv = measure_cpu_matvec(cfg.dim, cfg.ffn_dim, 640 * 1024 ** 2 if cuda else 32 * 1024 ** 2)
+        bw.update({f"cpu_matvec_{k}_GBps": v for k, v in mv.items()})
+        cpu_dtype, cpu_gbps = pick_cpu_dtype(mv)
+        bw["dense_cpu_dtype"] = cpu_dtype
+        phases["bandwidths"] = round(time.perf_counter() - t, 2)
+        res["bandwidth"] = bw
+        write_results(res, out_dir, stem, final=False, log=log)
+        log("bandwidths: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in bw.items()))
+        log(f"dense CPU path: torch {cpu_dtype} matvec ({cpu_gbps:.1f} GB/s; "
+            + ", ".join(f"{k} {_f(v)} GB/s" for k, v in mv.items()) + ") -> CPU layers of dense-offload/dense-cpu in "
+            + cpu_dtype)
+        log(f"CPU: {res['device'].get('cpu')}; numba {res['device'].get('numba_threads')} threads, threading layer "
+            f"{res['device'].get('numba_threading_layer')}; fp16 widening {res['device'].get('numba_fp16_widening')}")
+
+    def make_ctx(hf_dir, dense_dir, hybrid_dir, precision) -> Ctx:
+        ensure_bandwidths()
+        return Ctx(opts, log, cuda, torch.device("cuda" if cuda else "cpu"), hf_dir, dense_dir, hybrid_dir, prompt,
+                   context, budget, res["bandwidth"], res["bandwidth"]["dense_cpu_dtype"], precision, cfg)
+
     t = time.perf_counter()
-    record, hf_dir, dense_dir, hybrid_dir, prompt, precision = _resolve_model(opts, cuda, log, phases)
+    if synthetic is not None:
+        from bench.synthetic import disk_sizes, hf_config, prompt_token_ids, work_dir
+        from hybrid_runtime.model import ModelConfig
+        name, syn, pipe = synthetic
+        cfg = ModelConfig.from_hf(hf_config(syn))
+        prompt = prompt_token_ids(opts.prompt_tokens, syn.vocab_size, opts.seed)
+        context = len(prompt) + n_ctx
+        sizes = disk_sizes(syn, pipe)
+        min_budget = hybrid_min_budget_for(cfg, sizes["hybrid"] - 2 * syn.n_params(), context)
+        _check_budgets(opts, systems, budget, cfg, min_budget)
+        if opts.clean_work:
+            _clean_work(opts, log, keep=work_dir(syn, pipe, Path(opts.work)))
+
+        def before_pack(bm) -> None:   # disk: run llama.cpp while only the checkpoint is on disk
+            ctx0 = None
+            for n in _llamacpp_before_pack(opts, cuda, systems, bm, sizes, log):
+                ctx0 = ctx0 or make_ctx(bm.hf_dir, bm.hf_dir, None, None)
+                rows_done[n] = _run_one(ctx0, n, systems, rows_done, phases)
+                res["systems"][:] = [rows_done[s] for s in systems if s in rows_done]
+                write_results(res, out_dir, stem, final=False, log=log)
+            if ctx0 is not None:
+                drop_gguf(ctx0, "the hybrid directory is written next and both do not fit")
+        record, hf_dir, dense_dir, hybrid_dir, precision = _prepare_synthetic(opts, name, syn, pipe, cuda, log,
+                                                                              phases, before_pack)
+    else:
+        if opts.sparsity_profile != "prosparse" or opts.target_density is not None or opts.freq_sigma is not None:
+            log.note("--sparsity-profile / --target-density / --freq-sigma apply to synthetic models only: ignored")
+        if opts.clean_work:
+            _clean_work(opts, log, keep=None)
+        record, hf_dir, dense_dir, hybrid_dir, prompt, precision = _resolve_dir(opts, log)
+        cfg = load_config(dense_dir)
+        context = len(prompt) + n_ctx
+        min_budget = hybrid_min_budget(hybrid_dir, context) if hybrid_dir is not None else 0
+        _check_budgets(opts, systems, budget, cfg, min_budget if hybrid_dir is not None else None)
     phases["model total"] = round(time.perf_counter() - t, 2)
     res["model"] = record
-    from hybrid_runtime.loading import load_config
-    cfg = load_config(dense_dir)
-    context = len(prompt) + max(opts.new_tokens, opts.profile_tokens, opts.sweep_new_tokens) + 8
-    budgeted = [s for s in systems if SYSTEMS[s].budgeted]
-    min_budget = hybrid_min_budget(hybrid_dir, context) if hybrid_dir is not None else 0
-    if budgeted and "hybrid" in budgeted and budget < min_budget:
-        raise UserError(f"--gpu-memory {opts.gpu_memory} is below the minimum for the hybrid on this model: "
-                        f"{math.ceil(min_budget / GiB * 100) / 100:.2f} GiB (embeddings, lm_head, attention, KV cache, "
-                        "predictors, workspace)")
-    if budgeted and budget < offload_layers_min(cfg):
-        raise UserError(f"--gpu-memory {opts.gpu_memory} is below the minimum for layer offload on this model: "
-                        f"{math.ceil(offload_layers_min(cfg) / GiB * 100) / 100:.2f} GiB (embeddings, lm_head, workspace)")
-
-    t = time.perf_counter()
-    prewarm.join()
-    phases["wait for prewarm"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
-    bw = {"cpu_read_GBps": measure_cpu_read_bw(1 * GiB if cuda else 128 * 1024 ** 2)}
-    bw["cpu_read_buffer_bytes"] = 1 * GiB if cuda else 128 * 1024 ** 2
-    if cuda:
-        bw.update(measure_gpu_bw(1 * GiB))
-        free_memory(True)
-    mv = measure_cpu_matvec(cfg.dim, cfg.ffn_dim, 640 * 1024 ** 2 if cuda else 32 * 1024 ** 2)
-    bw.update({f"cpu_matvec_{k}_GBps": v for k, v in mv.items()})
-    cpu_dtype, cpu_gbps = pick_cpu_dtype(mv)
-    bw["dense_cpu_dtype"] = cpu_dtype
-    phases["bandwidths"] = round(time.perf_counter() - t, 2)
-    res["bandwidth"] = bw
-    write_results(res, out_dir, stem, final=False, log=log)
-    log("bandwidths: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in bw.items()))
-    log(f"dense CPU path: torch {cpu_dtype} matvec ({cpu_gbps:.1f} GB/s; "
-        + ", ".join(f"{k} {_f(v)} GB/s" for k, v in mv.items()) + ") -> CPU layers of dense-offload/dense-cpu in "
-        + cpu_dtype)
-
-    ctx = Ctx(opts, log, cuda, torch.device("cuda" if cuda else "cpu"), hf_dir, dense_dir, hybrid_dir, prompt,
-              context, budget, bw, cpu_dtype, precision, cfg)
+    ctx = make_ctx(hf_dir, dense_dir, hybrid_dir, precision)
     rows = res["systems"]
+    last_llamacpp = max((i for i, s in enumerate(systems) if s.startswith("llamacpp")), default=None)
     for i, name in enumerate(systems):
-        if log.remaining() < 15:
-            rows.append({"system": name, "description": SYSTEMS[name].description, "status": "skipped",
-                         "reason": "time budget exhausted", "budget_gib": budget / GiB if SYSTEMS[name].budgeted else None,
-                         "notes": []})
-            log(f"{name}: skipped (time budget exhausted)")
-            continue
-        t = time.perf_counter()
-        share = (log.remaining() - 10) / (len(systems) - i)    # slow systems may use more than an equal share
-        rows.append(run_system(ctx, name, budget_s=max(30.0, 1.6 * share)))
-        phases[f"system {name}"] = round(time.perf_counter() - t, 2)
+        row = rows_done.get(name) or _run_one(ctx, name, systems, rows_done, phases)
+        rows_done[name] = row
+        rows[:] = [rows_done[s] for s in systems if s in rows_done]
+        _note_cold_format(res, row)
+        if i == last_llamacpp:
+            drop_gguf(ctx, None)
         res["speedups"] = speedups(rows)
         res["checks"] = checks(res)
         write_results(res, out_dir, stem, final=False, log=log)
@@ -1670,6 +2149,57 @@ def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budg
     res["paths"] = {k: str(v) for k, v in paths.items()}
     res["table"] = table
     return res
+
+
+def _run_one(ctx: Ctx, name: str, systems: list[str], rows_done: dict, phases: dict) -> dict:
+    """One system of the main list under the time budget: skipped with a note when even its minimum
+    (load, warm-up, one short run) would not fit; else it gets a share of what is left."""
+    log = ctx.log
+    spec = SYSTEMS[name]
+    left = [s for s in systems if s not in rows_done]
+    need = min_system_seconds(ctx, name)
+    runnable = ctx.cuda or not spec.needs_cuda          # (run_system reports the others at once)
+    if runnable and log.remaining() < need + 5:
+        reason = f"time budget: ~{need:.0f} s needed, {max(log.remaining(), 0):.0f} s left"
+        log.note(f"{name} skipped ({reason})")
+        return {"system": name, "description": spec.description, "status": "skipped", "reason": reason,
+                "budget_gib": ctx.budget / GiB if spec.budgeted else None, "notes": []}
+    t = time.perf_counter()
+    share = (log.remaining() - 10) / max(len(left), 1)    # slow systems may use more than an equal share
+    row = run_system(ctx, name, budget_s=min(max(30.0, 1.6 * share), log.remaining() - 10))
+    phases[f"system {name}"] = round(time.perf_counter() - t, 2)
+    return row
+
+
+def _clean_work(opts: BenchOptions, log: BenchLog, keep: Path | None) -> None:
+    from bench.synthetic import clean_work, free_bytes
+    removed = clean_work(Path(opts.work), keep)
+    for path, size in removed:
+        log(f"--clean-work: removed {path} ({size / GiB:.1f} GiB)")
+    log(f"--clean-work: {len(removed)} cached build(s) removed; {free_bytes(Path(opts.work)) / GiB:.1f} GiB free "
+        f"in {opts.work}")
+
+
+def _llamacpp_before_pack(opts: BenchOptions, cuda: bool, systems: list[str], bm, sizes: dict,
+                          log: BenchLog) -> list[str]:
+    """The llama.cpp systems to run before the hybrid directory is written: when the checkpoint, the
+    hybrid directory and the GGUF do not fit on the disk together but the GGUF fits now (13B on a
+    64 GiB disk). Empty when they all fit (the normal order), or llama.cpp cannot run here anyway."""
+    from bench.synthetic import free_bytes, need_with_margin
+    names = [s for s in systems if s.startswith("llamacpp")]
+    if not names or not cuda or importlib.util.find_spec("llama_cpp") is None \
+            or importlib.util.find_spec("gguf") is None:
+        return []
+    free = free_bytes(bm.work)
+    if free >= need_with_margin(sizes["gguf"] + sizes["hybrid"]):
+        return []
+    if free < need_with_margin(sizes["gguf"]):
+        return []     # the export's own disk check skips them with the numbers
+    log(f"disk: the GGUF ({sizes['gguf'] / GiB:.1f} GiB) and the hybrid directory ({sizes['hybrid'] / GiB:.1f} GiB) "
+        f"do not both fit ({free / GiB:.1f} GiB free): running {', '.join(names)} now, before the pack, then deleting "
+        "the GGUF")
+    log.note(f"{', '.join(names)} ran before the hybrid directory was packed (disk), i.e. first")
+    return names
 
 
 def offload_layers_min(cfg, wbytes: int = 2) -> int:

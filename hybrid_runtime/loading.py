@@ -1,7 +1,10 @@
 """Reading real checkpoints: model names, config.json, safetensors / .bin shards, tokenizers.
 
-HF -> native weight names live in one table (`HF_TO_NATIVE`); the only reshaping is the
-transpose of `down_proj` to neuron-major, done here at load time.
+HF -> native weight names live in one table (`HF_TO_NATIVE`). Native names are the on-disk
+names of hybrid model directories and of the engine's `state_dict()`. Two reshapings happen
+here, at load time: `down_proj` is transposed to neuron-major, and each layer's q/k/v
+(`attn.wq`, `attn.wk`, `attn.wv`) become row blocks q, k, v of the fused `attn.wqkv`
+(`model.fuse_qkv_`, the same function the engine's `load_state_dict` uses).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hybrid_runtime.errors import UserError
-from hybrid_runtime.model import ModelConfig, Transformer
+from hybrid_runtime.model import ModelConfig, Transformer, fuse_qkv_
 
 # Aliases resolve to Hugging Face repo ids, and then only to the local HF cache.
 MODEL_ALIASES = {
@@ -26,6 +29,7 @@ MODEL_ALIASES = {
 }
 
 # (HF regex, native name template, transpose?) — the single place weight names are mapped.
+# q/k/v keep their own names here and on disk; load_model fuses them into attn.wqkv (see above).
 HF_TO_NATIVE: list[tuple[str, str, bool]] = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight", False),
     (r"model\.norm\.weight", "norm.weight", False),
@@ -186,7 +190,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         dtype = torch.bfloat16
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {n: p.shape for n, p in model.named_parameters()}
+    expected = {n: t.shape for n, t in model.state_dict().items()}  # native names (q/k/v split)
     state: dict[str, torch.Tensor] = {}
     for hf_name, t, f in iter_checkpoint_tensors(files):
         mapped = (hf_name, False) if native else native_name(hf_name)
@@ -212,6 +216,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     if missing:
         raise UserError(f"{model_dir}: checkpoint lacks {len(missing)} tensors required by config.json, "
                         f"e.g. {missing[0]!r}")
+    for i in range(cfg.n_layers):  # layer by layer: only one layer's q/k/v exist twice at a time
+        fuse_qkv_(state, f"layers.{i}.attn.")
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

@@ -7,7 +7,9 @@ Layout conventions (fixed at load time, never inside `forward`):
 - FFN weights are neuron-major: `gate`, `up` and `down` are all (f, d); `down` is HF's
   `down_proj.weight` (d, f) transposed, so one neuron's three rows are contiguous. The hybrid
   runtime (hybrid_runtime/hybrid.py) slices exactly these tensors into hot and cold rows.
-- Attention projections keep HF's layout (RoPE uses HF's rotate-half convention).
+- Attention: q, k, v are one projection `wqkv` (rows q, k, v): batch-1 decode is launch-bound, so
+  one GEMM, then one RoPE (HF's rotate-half) for q and k together. `state_dict()` and
+  `load_state_dict()` speak the on-disk names `wq`, `wk`, `wv` (`fuse_qkv_`): files never see wqkv.
 """
 from __future__ import annotations
 
@@ -167,10 +169,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 as HF does, then cast back before the gain
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # HF: normalise in fp32, cast to x's dtype, THEN the gain. F.rms_norm without a weight does the
+        # first two (one kernel on CUDA; HF's own fp32 ops on the CPU); with it, the gain precedes the cast
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -194,15 +195,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled).float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos/sin: (T, hs)
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    """HF's x * cos + rotate_half(x) * sin in fp32, cast back: x (..., hs) any float dtype (promoted
+    exactly); cos, sin fp32, broadcastable. rotate_half(x) = [-x2, x1] keeps its sign in `sin` (first
+    half negated, see setup_cache), so it is one flip of the halves; rounding as HF's (no FMA)."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # (..., hs): [x2, x1]
+    return (x * cos + swapped * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -214,10 +212,22 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos: (T,); k, v: (B, n_kv, T, hs)
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+        # input_pos: (T,) distinct positions; k, v: (B, n_kv, T, hs) -> whole cache (B, n_kv, S, hs)
+        self.k.index_copy_(2, input_pos, k)  # one kernel each (index_put_ with a tensor index: several)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
+
+
+QKV_NAMES = ("wq", "wk", "wv")  # Attention.wqkv's row blocks, in order, under their on-disk names
+
+
+def fuse_qkv_(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """In place: `{prefix}wq|wk|wv.{weight,bias}` -> `{prefix}wqkv.{weight,bias}` (rows q, k, v);
+    an incomplete triple is left alone, so a strict load names what is missing."""
+    for kind in ("weight", "bias"):
+        names = [f"{prefix}{n}.{kind}" for n in QKV_NAMES]
+        if all(n in state for n in names):
+            state[f"{prefix}wqkv.{kind}"] = torch.cat([state.pop(n) for n in names])
 
 
 class Attention(nn.Module):
@@ -225,23 +235,37 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv_sizes = (q, kv, kv)                  # rows of wq, wk, wv inside wqkv
+        self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=bias)
+        self.wo = nn.Linear(q, cfg.dim, bias=bias)
         self.kv_cache: KVCache | None = None
+        # (de)serialise under the on-disk names wq/wk/wv: views out, concatenation in
+        self.register_state_dict_post_hook(Attention._split_qkv)
+        self.register_load_state_dict_pre_hook(Attention._fuse_qkv)
+
+    def _fuse_qkv(self, state: dict[str, torch.Tensor], prefix: str, *_) -> None:
+        fuse_qkv_(state, prefix)
+
+    def _split_qkv(self, state: dict[str, torch.Tensor], prefix: str, *_) -> None:
+        for kind in ("weight", "bias"):
+            fused = state.pop(f"{prefix}wqkv.{kind}", None)
+            if fused is not None:
+                for name, part in zip(QKV_NAMES, fused.split(self.qkv_sizes)):
+                    state[f"{prefix}{name}.{kind}"] = part
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 input_pos: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(input_pos, k, v)                               # (B, nkv, S, hs)
-        # mask: (T, S) over the whole pre-allocated cache; no host sync on the current length
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, hs)                             # (B, T, nh+2nkv, hs)
+        qk = apply_rope(qkv[:, :, :nh + nkv], cos[:, None], sin[:, None])         # (B, T, nh+nkv, hs)
+        q = qk[:, :, :nh].transpose(1, 2)                                           # (B, nh, T, hs)
+        k, v = self.kv_cache.update(input_pos, qk[:, :, nh:].transpose(1, 2),
+                                    qkv[:, :, nh + nkv:].transpose(1, 2))           # (B, nkv, S, hs)
+        # mask: (T, S) over the whole pre-allocated cache (bool or additive); no host sync on the length
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hs)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(y.transpose(1, 2).reshape(B, T, nh * hs))
 
 
 class FeedForward(nn.Module):
@@ -272,8 +296,9 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 input_pos: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn(self.attn_norm(h), cos, sin, mask, input_pos) * self.residual_scale
-        return h + self.ffn(h) * self.residual_scale
+        # h + branch * residual_scale as one kernel (MiniCPM's scale; 1.0 elsewhere)
+        h = torch.add(h, self.attn(self.attn_norm(h), cos, sin, mask, input_pos), alpha=self.residual_scale)
+        return torch.add(h, self.ffn(h), alpha=self.residual_scale)
 
 
 class Transformer(nn.Module):
@@ -301,6 +326,7 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                # (S, hs)
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.rope_sin[:, :cfg.head_dim // 2].neg_()            # rotate_half's sign (see apply_rope)
         pos = torch.arange(max_seq_len, device=device)
         allowed = pos[None, :] <= pos[:, None]                 # (S, S) causal
         if cfg.sliding_window:
@@ -310,9 +336,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) in fp32."""
         cfg = self.config
-        mask = self.causal_mask[input_pos]                     # (T, S)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hs)
         h = self.tok_embeddings(tokens)                        # (B, T, d)
+        # additive mask made once per step: SDPA converts a bool mask in every layer (3 kernels)
+        mask = torch.where(self.causal_mask[input_pos], 0.0, -math.inf).to(h.dtype)  # (T, S)
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         for layer in self.layers:

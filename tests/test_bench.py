@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -163,6 +164,10 @@ def test_bench_smoke_run_writes_a_well_formed_table_and_json(tiny_bench_model, w
     assert res["model"]["profile"]["sparsity"] > 0.8 and res["bandwidth"]["cpu_read_GBps"] > 0
     md = next(tmp_path.glob("*.md")).read_text()
     assert "| system |" in md and "hybrid-cpu" in md and "Construction" in md
+    assert "## Machine" in md and "## Sparsity profile" in md and "threading layer" in md
+    dev = res["device"]
+    assert dev["numba_threading_layer"] and "f16c" in dev["cpu_flags"] and dev["work_disk_free_gib"] > 0
+    assert dev["cold_rows"]["used"]["hybrid-cpu"] in ("bf16", "fp16", "int8")
     assert "decode speedup" in out
 
 
@@ -177,3 +182,381 @@ def test_bench_bad_input_is_one_clear_error(tiny_bench_model, work, tmp_path, mo
     code, _, err = _run_cli(monkeypatch, capsys, "--gpu-memory", "eight", "--out", str(tmp_path))
     assert code == 2 and "memory size" in err
     assert not list(tmp_path.glob("*.json"))
+
+
+# ----------------------------------------------------------------------------- graphed-step profile
+
+
+class _FakeEvent:
+    """torch.cuda.Event stand-in on the CPU: record() stamps the host clock."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other) -> float:
+        return (other.t - self.t) * 1e3
+
+
+def _fake_graphed_step(trace: list, d: int = 8):
+    """A HybridGraphedDecodeStep whose graphs, staging and cold FFNs only log what is called: layer 0
+    with a predictor selection, layer 1 without cold rows, layer 2 in exact mode (no selection)."""
+    from types import SimpleNamespace
+
+    from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep
+
+    class Graph:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):
+            trace.append(self.name)
+
+    def cold(l, n_cold):
+        rows = SimpleNamespace(row_bytes=2 * d, fmt="bf16")
+        return SimpleNamespace(n_cold=n_cold, cold=SimpleNamespace(cold=rows),
+                               cold_ffn=lambda x, sel: trace.append(f"cold{l}"))
+
+    step = object.__new__(HybridGraphedDecodeStep)
+    step.model = SimpleNamespace(config=SimpleNamespace(dim=d))
+    step.token, step.pos = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    step.g_first, step.g_last = Graph("first"), Graph("last")
+    step.logits = torch.zeros(1, 1, 4)
+    step.staging = SimpleNamespace(ready=SimpleNamespace(record=lambda: trace.append("ready")),
+                                   wait=lambda: trace.append("wait"))
+    rng = np.random.default_rng(0)
+    x0, x2 = rng.standard_normal((1, d)).astype(np.float32), rng.standard_normal((1, d)).astype(np.float32)
+    sel0 = rng.random(6) < 0.5
+    step.segments = [
+        (Graph("pre0"), Graph("hot0"), Graph("post0"), cold(0, 6), (x0, sel0)),
+        (Graph("pre1"), Graph("hot1"), Graph("post1"), None, None),
+        (Graph("pre2"), Graph("hot2"), Graph("post2"), cold(2, 3), (x2, None)),
+    ]
+    return step, x0, sel0
+
+
+def test_profiled_call_runs_the_plain_steps_operations_and_accounts_for_the_wall(monkeypatch):
+    """The profiled variant replays, waits and computes exactly what __call__ does, in the same order;
+    its host columns add up to the call's wall time and its GPU spans to the token's event span."""
+    from hybrid_runtime.hybrid_graph import StepProfile
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    plain, profiled = [], []
+    step, x0, sel0 = _fake_graphed_step(plain)
+    tok, pos = torch.tensor([[5]]), torch.tensor([3])
+    step(tok, pos)
+    step, x0, sel0 = _fake_graphed_step(profiled)
+    prof = StepProfile(step, max_tokens=3, keep_inputs=2)
+    for _ in range(3):
+        step.profiled_call(tok, pos, prof)
+    assert profiled == plain * 3 and plain.count("wait") == 2
+    assert prof.n == 3 and step.token.item() == 5
+    np.testing.assert_array_equal(prof.cold_selected, [[sel0.sum(), 0, 3]] * 3)
+    np.testing.assert_array_equal(prof.x[1, 0], x0[0])
+    np.testing.assert_array_equal(prof.sel[0][1], sel0)
+    assert prof.sel[2].shape == (2, 0) and prof.sel[1].shape == (2, 0)
+    th = prof.token_host
+    np.testing.assert_allclose(th[:, 0], th[:, 1] + prof.host.sum(axis=(1, 2)) + th[:, 2] + th[:, 3], rtol=1e-9)
+    np.testing.assert_allclose(prof.token_gpu[:, 2], prof.token_gpu[:, 0] + prof.gpu.sum(axis=(1, 2))
+                               + prof.token_gpu[:, 1], rtol=1e-6, atol=1e-9)
+    assert (prof.host[:, 1, 1:3] == 0).all()          # no wait and no cold FFN in the all-hot layer
+    with pytest.raises(ValueError, match="holds 3 tokens"):
+        step.profiled_call(tok, pos, prof)
+
+
+def _cold_ffn(act: str, threshold: float, fmt: str, n_cold: int = 40, d: int = 32, seed: int = 0):
+    from hybrid_runtime.cpu_ffn import ColdRows
+    from hybrid_runtime.hybrid import CpuStaging, HybridFFN
+    from hybrid_runtime.model import RMSNorm
+    g = torch.Generator().manual_seed(seed)
+    w = [torch.randn(n_cold, d, generator=g) / d ** 0.5 for _ in range(3)]
+    hot = [torch.zeros(0, d) for _ in range(3)]
+    return HybridFFN(RMSNorm(d, 1e-5), *hot, ColdRows.from_torch(*w, fmt=fmt), act, threshold, CpuStaging())
+
+
+@pytest.mark.parametrize("act,threshold,fmt", [("relu", 0.0, "bf16"), ("fatrelu", 0.1, "fp16"),
+                                               ("drelu", 0.0, "int8")])
+def test_cold_firing_counts_match_a_numpy_reference(act, threshold, fmt):
+    """Which selected cold neurons fired, recomputed from the stored rows: gate rows read for every
+    selected neuron, up rows where the gate fires, down rows where the neuron is active."""
+    from hybrid_runtime.cpu_ffn import act_ref
+    from hybrid_runtime.hybrid_graph import cold_firing_counts
+    T, d = 5, 32
+    ffns = [_cold_ffn(act, threshold, fmt, seed=1), None, _cold_ffn(act, threshold, fmt, seed=2)]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((T, 3, d)).astype(np.float32)
+    sel = [rng.random((T, 40)) < 0.4, np.zeros((T, 0), bool), np.zeros((T, 0), bool)]   # layer 2: exact mode
+    got = cold_firing_counts(ffns, x, sel)
+    for l, ffn in enumerate(ffns):
+        if ffn is None:
+            assert (got[l] == 0).all()
+            continue
+        gate, up, _ = (w.astype(np.float64) for w in ffn.cold.cold.dequantize())
+        g, u = x[:, l].astype(np.float64) @ gate.T, x[:, l].astype(np.float64) @ up.T     # (T, n_cold)
+        m = sel[l] if sel[l].shape[1] else np.ones((T, 40), bool)
+        fired = (g >= threshold) & (g > 0) if act == "fatrelu" else g > 0
+        active = act_ref(g, u, act, threshold) != 0
+        np.testing.assert_array_equal(got[l], [m.sum(), (fired & m).sum(), (active & m).sum()])
+    assert got[2, 0] == T * 40 and 0 < got[0, 2] <= got[0, 1] < got[0, 0]
+
+
+def _raw_profile(T: int = 4, L: int = 3) -> dict:
+    """A StepProfile.raw() with round numbers: every host phase 10 us per layer, cold FFN 100 us,
+    GPU spans 20 us each, 50 of 100 cold neurons selected in layers 0 and 2, none in layer 1."""
+    from hybrid_runtime.hybrid_graph import GPU_SPANS, HOST_PHASES, TOKEN_GPU, TOKEN_HOST
+    host = np.full((T, L, len(HOST_PHASES)), 10e-6)
+    host[:, :, HOST_PHASES.index("cold_ffn")] = [100e-6, 0, 100e-6]
+    host[:, 1, HOST_PHASES.index("wait")] = 0
+    gpu = np.full((T, L, len(GPU_SPANS)), 0.02)
+    first, last, tail = 30e-6, 40e-6, 50e-6
+    wall = first + host.sum(axis=(1, 2)) + last + tail
+    return {"tokens": T, "layers": L, "host_phases": HOST_PHASES, "gpu_spans": GPU_SPANS,
+            "token_host_cols": TOKEN_HOST, "token_gpu_cols": TOKEN_GPU, "host_s": host, "gpu_ms": gpu,
+            "token_host_s": np.stack([wall, np.full(T, first), np.full(T, last), np.full(T, tail)], axis=1),
+            "token_gpu_ms": np.tile([0.05, 0.06, 0.05 + 0.02 * 5 * L + 0.06], (T, 1)),
+            "cold_selected": np.tile([50, 0, 50], (T, 1)), "n_cold": np.array([100, 0, 100]),
+            "cold_row_bytes": np.array([8192, 0, 8192]), "cold_format": "bf16"}
+
+
+def test_summarise_and_format_graphed_profile():
+    from bench.run_bench import format_any_profile, format_graphed_profile, summarise_graphed_profile
+    raw = _raw_profile()
+    firing = np.array([[200, 100, 80], [0, 0, 0], [200, 50, 50]])      # over 4 kept tokens
+    p = summarise_graphed_profile(raw, firing, precision=0.7, cpu_read_GBps=100.0, timed_ms=0.5)
+    assert p["kind"] == "graphed" and p["tokens"] == 4 and p["layers"] == 3
+    assert sum(p["host_timeline_ms"].values()) == pytest.approx(p["wall_ms"])       # the timeline adds up
+    assert p["host_timeline_ms"]["cold_ffn"] == pytest.approx(0.2)                   # 2 layers x 100 us
+    assert p["per_layer_mean_us"]["host"]["launch"] == pytest.approx(10.0)
+    assert p["gpu_total_ms"] == pytest.approx(sum(p["gpu_timeline_ms"].values()))
+    c = p["cold"]
+    # layer 0: 50 x 8192 x (1 + 0.5 + 0.4) bytes, layer 2: 50 x 8192 x (1 + 0.25 + 0.25), each in 100 us
+    b0, b2 = 50 * 8192 * 1.9, 50 * 8192 * 1.5
+    assert p["per_layer"]["cold_GBps"][0] == pytest.approx(b0 / 100e-6 / 1e9, rel=1e-3)
+    assert c["GBps"] == pytest.approx((b0 + b2) / 200e-6 / 1e9)
+    assert c["MB_per_token"] == pytest.approx((b0 + b2) / 1e6)
+    assert c["gate_fired_fraction"] == pytest.approx(150 / 400) and c["selected_per_layer"] == 50
+    assert "measured" in c["fraction_source"]
+    est = summarise_graphed_profile(raw, None, precision=0.7)["cold"]                # no firing counts
+    assert "precision 0.700" in est["fraction_source"]
+    assert est["MB_per_token"] == pytest.approx(2 * 50 * 8192 * 2.4 / 1e6)
+    text = format_graphed_profile(p, layers_table=True)
+    assert "CUDA-graphed step" in text and "in situ" in text and f"{c['GBps']:.1f} GB/s" in text
+    assert len([ln for ln in text.splitlines() if ln.startswith("      ") and "|" in ln]) == 3   # one per layer
+    assert format_any_profile(p) == format_graphed_profile(p)
+    json.dumps(p)                                                                  # the results file takes it
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_profiled_graphed_step_on_cuda_matches_the_plain_step(tiny_bench_model):
+    """On a tiny hybrid model with cold rows: the profiled step's logits equal the plain graphed step's,
+    and its profile is complete (events read, selections counted, firing recomputed)."""
+    from bench.run_bench import summarise_graphed_profile
+    from hybrid_runtime.hybrid import build_hybrid_model
+    from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep, StepProfile
+    from hybrid_runtime.loading import load_config
+    hyb = tiny_bench_model.hybrid_dir
+    cfg = load_config(hyb)
+    dev = torch.device("cuda")
+    model = build_hybrid_model(hyb, [cfg.ffn_dim // 2, 0], dev, dtype=torch.bfloat16, mode="predictor",
+                               cold_format="bf16")
+    model.setup_cache(1, 64)
+    step = HybridGraphedDecodeStep(model, dev, warmup_pos=63)
+    ids = torch.randint(3, cfg.vocab_size, (1, 20), device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+
+    def decode(call):
+        with torch.inference_mode():
+            model(ids[:, :8], torch.arange(8, device=dev))
+            return torch.cat([call(ids[:, t:t + 1], torch.tensor([t], device=dev))[0].clone() for t in range(8, 20)])
+    plain = decode(step)
+    prof = StepProfile(step, 12, keep_inputs=12)
+    profiled = decode(lambda tok, pos: step.profiled_call(tok, pos, prof))
+    assert ((profiled.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-3
+    assert prof.n == 12 and (prof.cold_selected.sum(axis=0) > 0).all() and (prof.token_gpu[:, 2] > 0).all()
+    firing = prof.firing_counts()
+    assert (firing[:, 0] == prof.cold_selected.sum(axis=0)).all() and (firing[:, 1] <= firing[:, 0]).all()
+    p = summarise_graphed_profile({**prof.raw(), "firing_tokens": 12}, firing, None, 50.0, None)
+    assert p["cold"]["GBps"] > 0 and p["wall_ms"] > 0
+
+
+# ----------------------------------------------------------------------------- sparsity presets, disk, time
+
+
+def test_powerinfer_preset_calibration_and_fingerprint(tmp_path):
+    """The powerinfer preset's sigma is what the calibration finds for its documented target share, its
+    target frequencies have that skew, and it builds in a different cache directory than prosparse."""
+    from bench.synthetic import (SPARSITY_PROFILES, mean_top_share, shape_configs, sigma_for_top_share,
+                                 work_dir)
+    pi = SPARSITY_PROFILES["powerinfer"]
+    assert sigma_for_top_share("7b", 0.32, 0.626, pi["mean_density"]) == pytest.approx(pi["freq_sigma"], abs=0.01)
+    syn, pipe = shape_configs("7b", sparsity_profile="powerinfer")
+    assert syn.sparsity_profile == "powerinfer" and syn.mean_density == 0.16
+    assert mean_top_share(syn, 0.32) == pytest.approx(0.626, abs=0.005)
+    pro, _ = shape_configs("7b")
+    assert mean_top_share(pro, 0.32) > 0.66                       # prosparse is more skewed
+    dirs = {work_dir(*shape_configs("tiny", sparsity_profile=p), tmp_path) for p in SPARSITY_PROFILES}
+    dirs.add(work_dir(*shape_configs("tiny", sparsity_profile="powerinfer", freq_sigma=0.5), tmp_path))
+    assert len(dirs) == 3
+    assert shape_configs("tiny", sparsity_profile="powerinfer", freq_sigma=0.5)[0].sparsity_profile == \
+        "powerinfer+custom"
+    with pytest.raises(Exception, match="unknown sparsity profile"):
+        shape_configs("tiny", sparsity_profile="dense")
+
+
+def test_powerinfer_chain_on_tiny_and_its_report(work):
+    """Build -> profile -> predictors on the tiny shape with the powerinfer preset: the profile measures
+    the preset's density and records the top-32% share; the results section says what was measured and
+    that PowerInfer's figures are not side by side."""
+    from bench.run_bench import format_sparsity_profile
+    from bench.synthetic import prepare_bench_model, shape_configs
+    syn, pipe = shape_configs("tiny", seed=0, sparsity_profile="powerinfer")
+    bm = prepare_bench_model(syn, pipe, work, "cpu", progress=False)
+    prof = bm.manifest["profile"]
+    assert abs((1 - prof["sparsity"]) - 0.16) < 0.03 and 0.5 < prof["top32"] < 0.75
+    m = {"synthetic": bm.manifest["synthetic"], "profile": prof, "predictors": bm.manifest["predictors"]}
+    text = format_sparsity_profile(m)
+    assert "`powerinfer`" in text and "not side by side" in text and f"{prof['top32']:.3f}" in text
+    assert f"{bm.manifest['predictors']['pred_density']:.3f}" in text and "~0.24" in text
+
+
+def test_disk_checks_and_clean_work(tmp_path):
+    from bench.synthetic import check_disk, clean_work, disk_sizes, free_bytes, shape_configs
+    from hybrid_runtime.errors import UserError
+    syn, pipe = shape_configs("13b")
+    sizes = disk_sizes(syn, pipe)
+    assert 25.5e9 < sizes["hf"] < 26.5e9 and sizes["hybrid"] > sizes["hf"] and 3e9 < sizes["samples"] < 5e9
+    check_disk(tmp_path / "not" / "yet", 1024, "a small file")           # the nearest existing parent counts
+    with pytest.raises(UserError, match=r"not enough disk for the HF checkpoint .*needs .* GiB, .* GiB free"):
+        check_disk(tmp_path, free_bytes(tmp_path) + 10 * 1024 ** 3, "the HF checkpoint")
+    keep = tmp_path / "synthetic-7b-s0-0123456789abcdef"
+    other = tmp_path / "synthetic-13b-s0-fedcba9876543210"
+    mine = tmp_path / "synthetic-notes"                                      # not a build: never touched
+    for p in (keep / "hf", other / "hf", mine, tmp_path / "gguf"):
+        p.mkdir(parents=True)
+    (other / "hf" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "gguf" / "m-1234-f16.gguf").write_bytes(b"x" * 10)
+    (tmp_path / "gguf" / "readme.txt").write_text("keep")
+    removed = clean_work(tmp_path, keep)
+    assert sorted(p.name for p, _ in removed) == ["m-1234-f16.gguf", other.name]
+    assert dict((p.name, n) for p, n in removed)[other.name] == 1000
+    assert keep.is_dir() and mine.is_dir() and (tmp_path / "gguf" / "readme.txt").is_file() and not other.exists()
+
+
+class _StubRunner:
+    """A runner whose 'timings' are given: prefill 0.1 s, then `per_tok` s per decode step."""
+
+    def __init__(self, per_tok: float):
+        self.per_tok, self.calls = per_tok, []
+
+    def generate(self, prompt, n_new):
+        from bench.run_bench import RunResult
+        self.calls.append(n_new)
+        return RunResult(0.1, self.per_tok * (n_new - 1), n_new - 1, len(prompt), [7] * n_new)
+
+
+def test_time_runs_trims_instead_of_overrunning():
+    from types import SimpleNamespace
+
+    from bench.run_bench import MIN_TIMED_TOKENS, BenchLog, _time_runs
+    ctx = SimpleNamespace(log=BenchLog(100.0), prompt=[1, 2, 3])
+    r = _StubRunner(per_tok=0.5)                         # 128 tokens ~ 70 s per run
+    results, note, n = _time_runs(r, ctx, "slow", 128, 3, cap_s=30.0)
+    assert len(results) == 1 and 16 <= n < 128 and n * 0.5 * 1.1 <= 30 and "instead of 3 x 128" in note
+    assert r.calls == [8, n]
+    results, note, n = _time_runs(_StubRunner(0.5), ctx, "slower", 128, 3, cap_s=1.0)
+    assert n == MIN_TIMED_TOKENS and len(results) == 1   # never below the floor
+    results, note, n = _time_runs(_StubRunner(0.05), ctx, "medium", 128, 3, cap_s=15.0)
+    assert (len(results), n) == (2, 128) and "2 run(s) instead of 3" in note
+    results, note, n = _time_runs(_StubRunner(0.001), ctx, "fast", 128, 3, cap_s=15.0)
+    assert (len(results), n, note) == (3, 128, "")
+
+
+def test_device_info_pieces_and_the_device_wide_gpu_column():
+    from bench.run_bench import cpu_flags, format_tables, numba_runtime_info, measure_cpu_read_bw
+    flags = cpu_flags("processor : 0\nflags\t\t: fpu sse avx2 f16c avx512f\nprocessor : 1\n")
+    assert flags["f16c"] and flags["avx512f"] and not flags["avx512_fp16"] and not flags["amx_bf16"]
+    measure_cpu_read_bw(1 << 20)                          # a parallel Numba kernel: the layer is known after
+    info = numba_runtime_info()
+    assert info["numba_threading_layer"] in ("omp", "tbb", "workqueue") and info["numba_threads"] >= 1
+    row = {"status": "ok", "budget_gib": None, "prefill_tps": 1.0, "decode_tps": 2.0, "ms_per_token": 500.0,
+           "cpu_rss_gib": 1.0, "runs": 1, "new_tokens": 4}
+    res = {"systems": [{**row, "system": "llamacpp-gpu", "peak_gpu_gib": 13.37, "peak_gpu_source": "device-wide"},
+                       {**row, "system": "dense-gpu", "peak_gpu_gib": 12.79, "peak_gpu_source": "torch"}]}
+    table = format_tables(res, markdown=True)
+    assert "| 13.37* |" in table and "| 12.79 |" in table
+
+
+def test_llamacpp_goes_before_the_pack_only_when_the_disk_needs_it(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import bench.run_bench as rb
+    import bench.synthetic as syn_mod
+    from bench.run_bench import BenchLog, BenchOptions, _llamacpp_before_pack
+    real = rb.importlib.util.find_spec
+    monkeypatch.setattr(rb.importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("llama_cpp", "gguf") else real(name, *a))
+    sizes = {"gguf": 10 * 1024 ** 3, "hybrid": 11 * 1024 ** 3}
+    bm = SimpleNamespace(work=tmp_path)
+    systems = ["dense-gpu", "hybrid", "llamacpp-gpu", "llamacpp-offload"]
+    for free_gib, want in ((40, []), (15, ["llamacpp-gpu", "llamacpp-offload"]), (5, [])):
+        monkeypatch.setattr(syn_mod, "free_bytes", lambda p, f=free_gib: f * 1024 ** 3)
+        log = BenchLog(100)
+        assert _llamacpp_before_pack(BenchOptions(), True, systems, bm, sizes, log) == want
+        assert ("before the pack" in "\n".join(log.lines)) == bool(want)
+    assert _llamacpp_before_pack(BenchOptions(), False, systems, bm, sizes, BenchLog(100)) == []   # no CUDA
+
+
+def test_gguf_is_dropped_after_llamacpp_when_disk_is_short(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import bench.synthetic as syn_mod
+    from bench.run_bench import BenchLog, drop_gguf, gguf_path
+    hf = tmp_path / "synthetic-7b-s0-0123456789abcdef" / "hf"
+    hf.mkdir(parents=True)
+    ctx = SimpleNamespace(hf_dir=hf, opts=SimpleNamespace(work=str(tmp_path)), log=BenchLog(100))
+    out = gguf_path(ctx)
+    assert out == hf.parent / "llamacpp" / "model-f16.gguf"
+    out.parent.mkdir()
+    out.write_bytes(b"x" * 4096)
+    drop_gguf(ctx, None)                                     # plenty of disk: kept (a later run reuses it)
+    assert out.is_file()
+    monkeypatch.setattr(syn_mod, "free_bytes", lambda p: 1024)
+    drop_gguf(ctx, None)                                     # another one would not fit: deleted
+    assert not out.exists() and "disk short" in ctx.log.lines[-1]
+    out.write_bytes(b"x")
+    monkeypatch.undo()
+    drop_gguf(ctx, "the hybrid directory is next")
+    assert not out.exists()
+
+
+def test_llamacpp_hook_runs_them_first_and_keeps_the_table_order(monkeypatch, tmp_path, capsys):
+    """The before-pack path end to end on the CPU (a fresh tiny build; llama.cpp itself is skipped
+    without CUDA): the early rows land once, in the requested order."""
+    import bench.run_bench as rb
+    seen = []
+
+    def early(opts, cuda, systems, bm, sizes, log):
+        seen.append(bm.hybrid_dir.exists())
+        return ["llamacpp-gpu"]
+    monkeypatch.setattr(rb, "_llamacpp_before_pack", early)
+    res = rb.run_bench(rb.BenchOptions(model="synthetic-tiny", systems="dense-cpu,llamacpp-gpu", prompt_tokens=12,
+                                       new_tokens=4, runs=1, sweep="none", work=str(tmp_path / "w"),
+                                       out=str(tmp_path / "o")))
+    assert seen == [False]                                   # called once, before the hybrid directory exists
+    assert [r["system"] for r in res["systems"]] == ["dense-cpu", "llamacpp-gpu"]
+    assert res["systems"][0]["status"] == "ok"
+    assert res["systems"][1]["status"] == "skipped" if not CUDA else res["systems"][1]["status"] in ("ok", "skipped")
+    assert "system llamacpp-gpu" in res["phases"]
+
+
+def test_targets_compare_with_llamacpp_when_it_ran():
+    from bench.run_bench import checks
+    rows = [{"system": n, "status": "ok", "decode_tps": v} for n, v in
+            (("hybrid", 90.0), ("llamacpp-offload", 18.0), ("llamacpp-gpu", 150.0), ("hybrid-gpu", 300.0))]
+    out = "\n".join(checks({"systems": rows}))
+    assert "hybrid vs llama.cpp at the same budget: 5.00x" in out
+    assert "hybrid fully on the GPU vs llama.cpp fully on the GPU: 2.00x" in out
+    assert "dense layer offload" not in out

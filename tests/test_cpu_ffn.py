@@ -4,12 +4,14 @@ from __future__ import annotations
 import threading
 
 import numba
+from numba import njit
 import numpy as np
 import pytest
 import torch
 
 from hybrid_runtime.cpu_ffn import (FMT_BF16, FMT_FP16, ColdFFN, ColdRows, cold_ffn, cold_ffn_batch,
                                     cold_ffn_batch_ref, cold_ffn_ref, decode_rows, quantize_rows_int8)
+from hybrid_runtime import cpu_ffn
 from hybrid_runtime.errors import UserError
 
 FORMATS = ["bf16", "fp16", "int8"]
@@ -49,15 +51,46 @@ def assert_close(got: np.ndarray, ref: np.ndarray, rtol: float = 2e-5) -> None:
 
 # ----------------------------------------------------------------------------- conversions
 
-def test_fp16_conversion_exact_on_all_bit_patterns():
-    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
-    got = decode_rows(bits[None], FMT_FP16, np.zeros(0, np.float32))[0].view(np.uint32)
+@njit
+def _convert_bits(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = cpu_ffn._fp16_to_f32_bits(bits[i])
+
+
+@njit
+def _convert_f16c(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = cpu_ffn._fp16_to_f32_f16c(bits[i])
+
+
+def _check_fp16_widening(got: np.ndarray, bits: np.ndarray, payload_exact: bool) -> None:
     want = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(want)
     assert nan.sum() == 2 * 1023
     np.testing.assert_array_equal(got[~nan], want.view(np.uint32)[~nan])   # zeros, subnormals, normals, inf
-    h = bits[nan].astype(np.uint32)                                        # nan: sign and payload kept
-    np.testing.assert_array_equal(got[nan], ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13))
+    h = bits[nan].astype(np.uint32)
+    exact = ((h & 0x8000) << 16) | 0x7F800000 | ((h & 0x3FF) << 13)     # sign and payload kept
+    if payload_exact:
+        np.testing.assert_array_equal(got[nan], exact)
+    else:                                                               # hardware: signalling nans come back quiet
+        np.testing.assert_array_equal(got[nan], exact | 0x00400000)
+
+
+def test_fp16_conversion_exact_on_all_bit_patterns():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = decode_rows(bits[None], FMT_FP16, np.zeros(0, np.float32))[0].view(np.uint32)   # the kernels' path
+    _check_fp16_widening(got, bits, payload_exact=not cpu_ffn.HAS_F16C)
+    out = np.empty(65536, np.float32)
+    _convert_bits(bits, out)                                            # the path for CPUs without F16C
+    _check_fp16_widening(out.view(np.uint32), bits, payload_exact=True)
+
+
+@pytest.mark.skipif(not cpu_ffn.HAS_F16C, reason="this CPU has no F16C")
+def test_fp16_hardware_conversion_exact_on_all_bit_patterns():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(65536, np.float32)
+    _convert_f16c(bits, out)
+    _check_fp16_widening(out.view(np.uint32), bits, payload_exact=False)
 
 
 def test_bf16_conversion_exact_on_all_bit_patterns():
