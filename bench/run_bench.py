@@ -17,8 +17,10 @@ Systems (`--systems`, comma list; `auto`: the GPU set with CUDA, the CPU set wit
   hybrid-gpu     hybrid runtime with every neuron on the GPU (predictor mode, sparse kernels if built)
   hf-gpu         transformers generate(), whole model on the GPU
   hf-offload     transformers + accelerate, device_map="auto", max_memory={GPU: --gpu-memory}
-  llamacpp-gpu / llamacpp-offload   llama.cpp (llama-cpp-python) when importable, else skipped
+  llamacpp-gpu / llamacpp-offload   llama.cpp (llama-cpp-python) when importable, else skipped; it runs
+                 in a child process (bench/llamacpp_child.py: no torch in it), a crash is a failed row
   dense-cpu, hybrid-cpu, hf-cpu     the CPU-only counterparts (the default without CUDA)
+  llamacpp-cpu   llama.cpp with every layer on the CPU and no GPU visible to it (not in a default set)
 
 Physical limits: the bandwidths are measured in the same run (GPU device-to-device copy counting
 bytes read + written; CPU multi-threaded read of a buffer larger than the last-level cache;
@@ -102,6 +104,7 @@ SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in [
     SystemSpec("hf-offload", "transformers + accelerate device_map=auto, max_memory = budget", True, True, True, False, True),
     SystemSpec("llamacpp-gpu", "llama.cpp (llama-cpp-python), all layers on the GPU", True, False, True, False, True),
     SystemSpec("llamacpp-offload", "llama.cpp (llama-cpp-python), n_gpu_layers fitting the budget", True, True, True, False, True),
+    SystemSpec("llamacpp-cpu", "llama.cpp (llama-cpp-python), CPU only", False, False, True, False, True),
     SystemSpec("dense-cpu", "this engine, dense, on the CPU", False, False, True, False, False),
     SystemSpec("hybrid-cpu", "hybrid runtime on the CPU only (predictor mode, Numba kernels)", False, False, False, True, False),
     SystemSpec("hf-cpu", "transformers generate() on the CPU", False, False, True, False, True),
@@ -935,10 +938,12 @@ def _time_runs(runner, ctx: Ctx, name: str, n_new: int, runs: int,
 # seconds per GB of weights and decode ms per token per GB (llama.cpp and the CPU systems: guesses).
 # Used only to decide, before starting something, whether it can still fit --time-budget-s.
 LOAD_S_PER_GB = {"dense-gpu": 0.25, "hybrid": 0.95, "dense-offload": 0.36, "hybrid-gpu": 0.51, "hf-gpu": 0.17,
-                 "hf-offload": 0.11, "llamacpp-gpu": 1.0, "llamacpp-offload": 1.0, "dense-cpu": 0.5,
+                 "hf-offload": 0.11, "llamacpp-gpu": 1.0, "llamacpp-offload": 1.0, "llamacpp-cpu": 1.0,
+                 "dense-cpu": 0.5,
                  "hybrid-cpu": 1.0, "hf-cpu": 0.5}
 DECODE_MS_PER_GB = {"dense-gpu": 0.63, "hybrid": 1.64, "dense-offload": 12.3, "hybrid-gpu": 0.49, "hf-gpu": 2.2,
-                    "hf-offload": 68.0, "llamacpp-gpu": 0.52, "llamacpp-offload": 4.1, "dense-cpu": 30.0,
+                    "hf-offload": 68.0, "llamacpp-gpu": 0.52, "llamacpp-offload": 4.1, "llamacpp-cpu": 10.0,
+                    "dense-cpu": 30.0,
                     "hybrid-cpu": 30.0, "hf-cpu": 60.0}
 GGUF_EXPORT_S_PER_GB = 4.0     # f16 GGUF export: 4.1 s/GB measured on the 2-core dev VM (mostly one core)
 
@@ -956,7 +961,7 @@ def min_system_seconds(ctx: Ctx, name: str, new_tokens: int = MIN_TIMED_TOKENS) 
     (+ the GGUF export for llama.cpp when it is not on disk yet)."""
     gb = dense_weight_bytes(ctx.cfg) / 1e9
     s = 3.0 + LOAD_S_PER_GB.get(name, 1.0) * gb + (8 + new_tokens) * DECODE_MS_PER_GB.get(name, 30.0) * gb / 1e3
-    if name.startswith("llamacpp") and ctx.cuda and ctx.hf_dir is not None and not gguf_path(ctx).is_file():
+    if name.startswith("llamacpp") and ctx.hf_dir is not None and not gguf_path(ctx).is_file():
         s += GGUF_EXPORT_S_PER_GB * gb
     return s
 
@@ -1236,76 +1241,163 @@ def llamacpp_gguf(ctx: Ctx) -> Path:
     return out
 
 
+class LlamaCppChild:
+    """llama.cpp in a child process (bench/llamacpp_child.py, which imports no torch): creating
+    llama_cpp.Llama inside this process segfaulted on the H100 (torch's CUDA context and bundled CUDA
+    libraries, Numba's OpenMP pool), the same GGUF ran fine in a fresh process. JSON lines over the
+    child's stdin/stdout; every reply waits at most `timeout_s()` seconds (the bench's time budget), and a
+    child that dies or hangs becomes one clear RuntimeError (a failed row; the bench goes on)."""
+
+    command = [sys.executable, "-m", "bench.llamacpp_child"]
+
+    def __init__(self, load_request: dict, timeout_s, env: dict | None = None):
+        import collections
+        import queue
+        import subprocess
+        self.timeout_s = timeout_s
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        self.proc = subprocess.Popen(self.command, cwd=str(REPO), env=child_env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self._lines: queue.Queue = queue.Queue()
+        self.stderr_tail: collections.deque = collections.deque(maxlen=40)
+
+        def pump(stream, put, at_end):
+            for line in stream:
+                put(line)
+            at_end()
+        threading.Thread(target=pump, args=(self.proc.stdout, self._lines.put, lambda: self._lines.put(None)),
+                         daemon=True).start()
+        threading.Thread(target=pump, args=(self.proc.stderr, self.stderr_tail.append, lambda: None),
+                         daemon=True).start()
+        self.loaded = self.request(load_request, "loading the model")
+
+    def request(self, req: dict, what: str) -> dict:
+        import queue
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass                               # the child is gone: reported below from its exit status
+        timeout = self.timeout_s()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close(kill=True)
+            raise RuntimeError(f"llama.cpp child process: no reply after {timeout:.0f} s while {what} "
+                               "(time budget); killed") from None
+        if line is None:                       # stdout closed: the child exited or crashed
+            raise RuntimeError(self._death(what))
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            self.close()
+            if reply.get("skip"):
+                raise _Skip(reply.get("error", "?"))
+            raise RuntimeError(f"llama.cpp child process while {what}: {reply.get('error', '?')}")
+        return reply
+
+    def _death(self, what: str) -> str:
+        import signal
+        try:
+            rc = self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.close(kill=True)
+            rc = self.proc.returncode
+        time.sleep(0.1)                        # let the stderr pump take the last lines
+        if rc is not None and rc < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-rc).name} (exit status {rc})"
+            except ValueError:
+                how = f"killed by signal {-rc} (exit status {rc})"
+        else:
+            how = f"exited with status {rc} without a reply"
+        last = next((l.strip() for l in reversed(self.stderr_tail) if l.strip()), "")
+        return f"llama.cpp child process {how} while {what}" + (f"; last stderr line: {last[:300]}" if last else "")
+
+    def close(self, kill: bool = False) -> None:
+        import subprocess
+        proc = self.proc
+        if proc.poll() is None:
+            if not kill:
+                try:
+                    proc.stdin.close()         # end of requests: the child exits and frees its memory
+                    proc.wait(timeout=30)
+                except (OSError, subprocess.TimeoutExpired):
+                    kill = True
+            if kill and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def __del__(self):
+        if getattr(self, "proc", None) is not None:
+            self.close()
+
+
 class LlamaCppRunner:
-    """llama.cpp through llama-cpp-python's Llama: the prompt ids evaluated as one batch (prefill, which
-    ends with the first token's logits), then one llm.eval([token]) per decode step. Greedy = argmax of
-    the last position's logits, read in place (llama_get_logits_ith, which waits for the GPU); EOS is
-    never checked, so every run generates exactly n_new tokens."""
+    """llama.cpp (through llama-cpp-python's Llama, in a LlamaCppChild): the prompt ids evaluated as one
+    batch (prefill, which ends with the first token's logits), then one llm.eval([token]) per decode
+    step; greedy = argmax of the last position's logits (llama_get_logits_ith); EOS is never checked, so
+    every run generates exactly n_new tokens. After each call, info holds the child's device-wide GPU
+    memory in use (gpu_used_gib, when measured) and its peak RSS (cpu_rss_gib)."""
 
-    def __init__(self, llm, info: dict, gpu_free_before_load: int | None):
-        import llama_cpp
-        self.llm, self.info = llm, info
-        self.cuda = gpu_free_before_load is not None
-        self._logits_ith = llama_cpp.llama_get_logits_ith
-        self.n_vocab = llm.n_vocab()
-        self.gpu_free0 = self.gpu_free_min = gpu_free_before_load
+    def __init__(self, child: LlamaCppChild, info: dict):
+        self.child, self.info = child, info
+        self._update(child.loaded)
 
-    def _next_token(self) -> int:
-        logits = np.ctypeslib.as_array(self._logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))   # (V,)
-        return int(logits.argmax())
+    def _update(self, reply: dict) -> None:
+        if reply.get("gpu_used_mib") is not None:   # llama.cpp allocates outside torch: device-wide
+            self.info["gpu_used_gib"] = round(reply["gpu_used_mib"] * 2 ** 20 / GiB, 3)
+        if reply.get("rss_peak_gib") is not None:
+            self.info["cpu_rss_gib"] = reply["rss_peak_gib"]
 
     def generate(self, prompt: list[int], n_new: int) -> RunResult:
-        llm = self.llm
-        llm.reset()                 # the next eval drops the KV cache from position 0
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        tok = self._next_token()
-        t1 = time.perf_counter()
-        tokens = [tok]
-        for _ in range(n_new - 1):
-            llm.eval([tok])
-            tok = self._next_token()
-            tokens.append(tok)
-        t2 = time.perf_counter()
-        if self.cuda:   # device-wide: llama.cpp allocates outside torch, so max_memory_allocated misses it
-            self.gpu_free_min = min(self.gpu_free_min, torch.cuda.mem_get_info()[0])
-            self.info["gpu_used_gib"] = round((self.gpu_free0 - self.gpu_free_min) / GiB, 3)
-        return RunResult(t1 - t0, max(t2 - t1, 1e-9), n_new - 1, len(prompt), tokens)
+        reply = self.child.request({"prompt": list(prompt), "n_new": n_new, "runs": 1}, f"generating {n_new} tokens")
+        self._update(reply)
+        r = reply["runs"][0]
+        return RunResult(r["prefill_s"], r["decode_s"], r["decode_steps"], r["prompt_tokens"], r["tokens"])
+
+    def close(self) -> None:
+        self.child.close()
 
 
-def build_llamacpp(ctx: Ctx, offload: bool = False):
+def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
     """llama.cpp on the same weights: the HF checkpoint exported to an f16 GGUF (bench/gguf_export.py).
     Whole model on the GPU (n_gpu_layers=-1), or the layer count that fits ctx.budget by the same
     accounting as dense-offload (llama.cpp puts the LAST N layers on the GPU, and keeps the output
-    matrix on the CPU unless every layer is offloaded, so it uses somewhat less than the budget).
+    matrix on the CPU unless every layer is offloaded, so it uses somewhat less than the budget), or
+    (cpu_only, or no CUDA) every layer on the CPU with no GPU visible to it.
     llama.cpp's llama architecture computes SiLU(gate) * up whatever the checkpoint's activation: same
-    bytes and FLOPs as ReLU, so a fair dense speed baseline, but its tokens differ from the others'."""
+    bytes and FLOPs as ReLU, so a fair dense speed baseline, but its tokens differ from the others'.
+    llama.cpp runs in a child process (LlamaCppChild); this process never imports llama_cpp."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise _Skip("llama_cpp is not importable (pip install llama-cpp-python built with CUDA, and gguf)")
     if importlib.util.find_spec("gguf") is None:
         raise _Skip("llama_cpp is importable but the gguf package (to write the f16 GGUF) is not")
     if ctx.hf_dir is None:
         raise _Skip("no HF checkpoint for this model (a hybrid directory whose source is gone) to export to GGUF")
-    import llama_cpp
-    if ctx.cuda and not llama_cpp.llama_supports_gpu_offload():
-        raise _Skip("llama-cpp-python was built without GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on; "
-                    "see bench/build_llamacpp_device.sh)")
     t_export = time.perf_counter()
     path = llamacpp_gguf(ctx)
     export_s = time.perf_counter() - t_export      # ~0 when reused; not part of the system's run time
     cfg = ctx.cfg
+    gpu = ctx.cuda and not cpu_only
     n_gpu = offload_layers_for_budget(cfg, ctx.budget, ctx.context) if offload else cfg.n_layers
-    n_gpu = n_gpu if ctx.cuda else 0
+    n_gpu = n_gpu if gpu else 0
+    n_gpu_layers = n_gpu if (offload or not gpu) else -1
     threads = ctx.opts.threads or physical_cores()
-    free0 = torch.cuda.mem_get_info()[0] if ctx.cuda else None
-    llm = llama_cpp.Llama(model_path=str(path), n_gpu_layers=-1 if not offload else n_gpu, n_ctx=ctx.context,
-                          n_batch=max(512, len(ctx.prompt)), n_threads=threads, n_threads_batch=threads,
-                          logits_all=False, flash_attn=ctx.cuda, verbose=False)
+    request = {"gguf": str(path), "n_gpu_layers": n_gpu_layers, "n_ctx": ctx.context,
+               "n_batch": max(512, len(ctx.prompt)), "threads": threads, "flash_attn": gpu,
+               "require_gpu_offload": gpu, "measure_gpu": gpu}
+    where = f"{n_gpu} of {cfg.n_layers} layers on the GPU" if gpu else "CPU only"
+    ctx.log(f"llama.cpp: starting its child process ({where}, {threads} threads)")
+    child = LlamaCppChild(request, lambda: max(60.0, ctx.log.remaining()),
+                          env=None if gpu else {"CUDA_VISIBLE_DEVICES": ""})
     act = getattr(cfg, "act", "silu")
     info = {"gguf": str(path), "gguf_gib": round(path.stat().st_size / GiB, 3), "gguf_export_s": round(export_s, 1),
             "dtype": "f16",
-            "n_gpu_layers": n_gpu if offload else -1, "gpu_layers": n_gpu, "cpu_layers": cfg.n_layers - n_gpu,
-            "threads": threads, "flash_attn": ctx.cuda, "llama_cpp_python": getattr(llama_cpp, "__version__", "?"),
+            "n_gpu_layers": n_gpu_layers, "gpu_layers": n_gpu, "cpu_layers": cfg.n_layers - n_gpu,
+            "threads": threads, "flash_attn": gpu, "llama_cpp_python": child.loaded.get("llama_cpp_python", "?"),
+            "child_load_s": round(child.loaded.get("load_s", 0.0), 2), "process": "child (bench/llamacpp_child.py)",
             "activation": "silu (llama.cpp's llama arch)" + ("" if act == "silu" else f"; the model's is {act}: "
                                                               "same bytes/FLOPs, different tokens")}
     if offload:
@@ -1314,9 +1406,7 @@ def build_llamacpp(ctx: Ctx, offload: bool = False):
             "and FLOPs per token, so a fair dense decode-speed baseline, but its tokens are not the model's")
     if act != "silu" and note not in ctx.log.notes:
         ctx.log.note(note)
-    where = f"{n_gpu} of {cfg.n_layers} layers on the GPU" if ctx.cuda else "CPU only (no CUDA)"
-    ctx.log(f"llama.cpp: {where}, {threads} threads")
-    runner = LlamaCppRunner(llm, info, free0)
+    runner = LlamaCppRunner(child, info)
     # bytes per token: f16 weights (one embedding row) + f16 KV cache; GPU layers / GPU bw, the rest / CPU bw
     per_layer = 2 * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
                      + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim)
@@ -1324,11 +1414,11 @@ def build_llamacpp(ctx: Ctx, offload: bool = False):
     ctx_avg = len(ctx.prompt) + ctx.opts.new_tokens / 2
     gpu_b = n_gpu * per_layer + kv_read_bytes(cfg, ctx_avg, 2, n_gpu)
     cpu_b = (cfg.n_layers - n_gpu) * per_layer + kv_read_bytes(cfg, ctx_avg, 2, cfg.n_layers - n_gpu)
-    if ctx.cuda and n_gpu == cfg.n_layers:
+    if gpu and n_gpu == cfg.n_layers:
         gpu_b += out_bytes
     else:
         cpu_b += out_bytes
-    if not ctx.cuda:
+    if not gpu:
         cpu_b, gpu_b = cpu_b + gpu_b, 0
     lim = sequential_limit(gpu_b, cpu_b, 2 * cfg.dim * 4 if 0 < n_gpu < cfg.n_layers else 0, ctx.bw,
                            "GPU layers / GPU bw + CPU layers (+ output) / CPU bw")
@@ -1348,6 +1438,7 @@ BUILDERS = {
     "hf-offload": lambda ctx: build_hf(ctx, offload=True),
     "llamacpp-gpu": lambda ctx: build_llamacpp(ctx),
     "llamacpp-offload": lambda ctx: build_llamacpp(ctx, offload=True),
+    "llamacpp-cpu": lambda ctx: build_llamacpp(ctx, cpu_only=True),
     "dense-cpu": build_dense_cpu,
     "hybrid-cpu": lambda ctx: build_hybrid(ctx, device="cpu"),
     "hf-cpu": lambda ctx: build_hf(ctx, device="cpu"),
@@ -1407,6 +1498,8 @@ def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
         row.update(status="failed", reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         log(traceback.format_exc())
     finally:
+        if hasattr(runner, "close"):   # llama.cpp's child process: ends now, freeing its memory
+            runner.close()
         runner = None
         if ctx.cuda:
             torch_peak = torch.cuda.max_memory_allocated() / GiB
@@ -1415,7 +1508,9 @@ def run_system(ctx: Ctx, name: str, budget_s: float | None = None) -> dict:
                 row.update(peak_gpu_gib=device_wide, peak_gpu_source="device-wide", torch_peak_gpu_gib=torch_peak)
             else:
                 row.update(peak_gpu_gib=torch_peak, peak_gpu_source="torch")
-        row["cpu_rss_gib"] = _proc_status("VmHWM") or _proc_status("VmRSS")
+        # llama.cpp runs in a child process: its own peak RSS
+        row["cpu_rss_gib"] = ((row.get("info") or {}).get("cpu_rss_gib")
+                              or _proc_status("VmHWM") or _proc_status("VmRSS"))
         free_memory(ctx.cuda)
     row["seconds"] = round(time.perf_counter() - t0, 2)
     if row["status"] == "ok":

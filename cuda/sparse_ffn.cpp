@@ -41,6 +41,14 @@ int dtype_code(const at::Tensor& t) {
   }
 }
 
+// Shapes in messages as plain strings: an at::IntArrayRef streamed into a TORCH_CHECK message
+// crashed the process (segfault) on the H100 machine instead of raising (2026-11-23).
+std::string shape_str(at::IntArrayRef dims) {
+  std::string s = "(";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + (dims.size() == 1 ? ",)" : ")");
+}
+
 void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
   TORCH_CHECK_VALUE(t.device() == device, name, ": on ", t.device(), " but the other inputs are on ", device);
@@ -48,17 +56,17 @@ void check_cuda(const at::Tensor& t, const char* name, const at::Device& device)
 
 // (rows, cols) with unit column stride; any row stride (views of larger buffers are fine).
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, ": expected 2 dims, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, ": expected 2 dims, got shape ", shape_str(t.sizes()));
   TORCH_CHECK_VALUE(t.size(0) == rows && t.size(1) == cols, name, ": expected shape (", rows, ", ", cols,
-                    "), got ", t.sizes());
+                    "), got ", shape_str(t.sizes()));
   TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name, ": last dim must be contiguous (stride 1), got strides ",
-                    t.strides());
-  TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) >= cols, name, ": rows overlap (strides ", t.strides(), ")");
+                    shape_str(t.strides()));
+  TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) >= cols, name, ": rows overlap (strides ", shape_str(t.strides()), ")");
 }
 
 void check_weight(const at::Tensor& w, const char* name, at::ScalarType dtype, int64_t d) {
-  TORCH_CHECK_VALUE(w.dim() == 2, name, ": expected (f, d) neuron-major weights, got shape ", w.sizes());
-  TORCH_CHECK_VALUE(w.size(1) == d, name, ": expected d = ", d, " columns, got shape ", w.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2, name, ": expected (f, d) neuron-major weights, got shape ", shape_str(w.sizes()));
+  TORCH_CHECK_VALUE(w.size(1) == d, name, ": expected d = ", d, " columns, got shape ", shape_str(w.sizes()));
   TORCH_CHECK_VALUE(w.is_contiguous(), name, ": must be contiguous (f, d) rows");
   TORCH_CHECK_TYPE(w.scalar_type() == dtype, name, ": dtype ", w.scalar_type(), " differs from x's ", dtype);
   TORCH_CHECK_VALUE(w.size(0) <= kIntMax && w.size(1) <= kIntMax, name, ": too large for int32 indexing");
@@ -76,10 +84,10 @@ int check_index_list(const at::Tensor& idx, const at::Tensor& count, const at::D
   check_cuda(count, "count", device);
   TORCH_CHECK_TYPE(idx.scalar_type() == at::kInt, "idx: expected int32, got ", idx.scalar_type());
   TORCH_CHECK_VALUE(idx.dim() == 1 && idx.is_contiguous(), "idx: expected a contiguous 1-D tensor, got shape ",
-                    idx.sizes());
+                    shape_str(idx.sizes()));
   TORCH_CHECK_VALUE(idx.numel() <= kIntMax, "idx: too long");
   TORCH_CHECK_TYPE(count.scalar_type() == at::kInt, "count: expected int32, got ", count.scalar_type());
-  TORCH_CHECK_VALUE(count.numel() == 1, "count: expected 1 element, got shape ", count.sizes());
+  TORCH_CHECK_VALUE(count.numel() == 1, "count: expected 1 element, got shape ", shape_str(count.sizes()));
   return static_cast<int>(idx.numel());
 }
 
@@ -122,7 +130,7 @@ void active_indices(const at::Tensor& scores, double threshold, bool inclusive, 
   const at::Device device = scores.device();
   TORCH_CHECK_TYPE(dtype_code(scores) >= 0, "scores: expected float32, float16 or bfloat16, got ",
                    scores.scalar_type());
-  TORCH_CHECK_VALUE(scores.dim() == 2, "scores: expected (B, f), got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 2, "scores: expected (B, f), got shape ", shape_str(scores.sizes()));
   const int64_t B = scores.size(0), f = scores.size(1);
   TORCH_CHECK_VALUE(B <= kIntMax && f <= kIntMax, "scores: too large for int32 indexing");
   check_rows(scores, "scores", B, f);
@@ -148,7 +156,7 @@ void gate_up_common(const at::Tensor& x, const at::Tensor* gate, const at::Tenso
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
   const at::Device device = x.device();
   check_half(x, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (B, d), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (B, d), got shape ", shape_str(x.sizes()));
   const int64_t B = x.size(0), d = x.size(1);
   check_rows(x, "x", B, d);
   check_cuda(up, "up", device);
@@ -204,13 +212,13 @@ void sparse_down(const at::Tensor& a, const at::Tensor& down, const at::Tensor& 
   TORCH_CHECK_VALUE(a.is_cuda(), "a: expected a CUDA tensor, got one on ", a.device());
   const at::Device device = a.device();
   TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "a: activations are float32, got ", a.scalar_type());
-  TORCH_CHECK_VALUE(a.dim() == 2, "a: expected (B, f), got shape ", a.sizes());
+  TORCH_CHECK_VALUE(a.dim() == 2, "a: expected (B, f), got shape ", shape_str(a.sizes()));
   const int64_t B = a.size(0), f = a.size(1);
   check_rows(a, "a", B, f);
   check_cuda(down, "down", device);
   check_half(down, "down");
   TORCH_CHECK_VALUE(down.dim() == 2 && down.size(0) == f, "down: expected (f, d) with f = ", f,
-                    " neuron-major rows (HF down_proj transposed), got shape ", down.sizes());
+                    " neuron-major rows (HF down_proj transposed), got shape ", shape_str(down.sizes()));
   const int64_t d = down.size(1);
   check_weight(down, "down", down.scalar_type(), d);
   const int n_max = check_index_list(idx, count, device);

@@ -193,6 +193,20 @@ def _check_weights(d: int, **weights: torch.Tensor) -> None:
         rows = w.shape[0]
 
 
+def _check_index_list(idx: torch.Tensor, count: torch.Tensor, like: torch.Tensor) -> None:
+    """The device-side index list: idx (n_max,) int32 contiguous, count (1,) int32, on like's device.
+    Checked here too, before the binding (see _check_weights)."""
+    for name, t, shape in (("idx", idx, "a contiguous 1-D tensor"), ("count", count, "1 element")):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected int32, got {t.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name}: on {t.device} but the other inputs are on {like.device}")
+    if idx.dim() != 1 or not idx.is_contiguous():
+        raise ValueError(f"idx: expected a contiguous 1-D tensor, got shape {tuple(idx.shape)}")
+    if count.numel() != 1:
+        raise ValueError(f"count: expected 1 element, got shape {tuple(count.shape)}")
+
+
 # ---------------------------------------------------------------- torch references
 # Plain torch, fp32 arithmetic, no host syncs (usable inside a CUDA graph). They define what
 # the kernels compute; tests compare both against float64.
@@ -329,6 +343,7 @@ def sparse_gate_up(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, idx: t
     _check_act(act, threshold)
     _check_2d(x, "x", "(B, d)")
     _check_weights(x.shape[1], gate=gate, up=up)
+    _check_index_list(idx, count, x)
     a = _activations_out(x, gate.shape[0], out)
     ext = _ext_for(x, gate, up, idx, count, a)
     if ext is not None:
@@ -346,6 +361,7 @@ def sparse_up_given_gate(x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, idx
     _check_2d(x, "x", "(B, d)")
     _check_2d(g, "g", "(B, f)")
     _check_weights(x.shape[1], up=up)
+    _check_index_list(idx, count, x)
     a = _activations_out(x, up.shape[0], out)
     ext = _ext_for(x, g, up, idx, count, a)
     if ext is not None:
@@ -380,6 +396,7 @@ def sparse_down(a: torch.Tensor, down: torch.Tensor, idx: torch.Tensor, count: t
     _check_2d(a, "a", "(B, f)")
     if down.dim() != 2 or down.shape[0] != a.shape[1]:
         raise ValueError(f"down: expected ({a.shape[1]}, d) neuron-major rows, got shape {tuple(down.shape)}")
+    _check_index_list(idx, count, a)
     if out is None:
         dtype = out_dtype or down.dtype
         out = torch.empty(a.shape[0], down.shape[1], dtype=dtype, device=a.device)

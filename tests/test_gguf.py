@@ -223,7 +223,15 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     assert len(r1.tokens) == 12 and r1.decode_steps == 11 and r1.prompt_tokens == 8
     assert r1.tokens == r2.tokens
     assert r1.prefill_s > 0 and r1.decode_s > 0 and lim.tps and lim.cpu_bytes > 0
-    assert info["n_gpu_layers"] == -1 and info["threads"] == 1
+    assert info["n_gpu_layers"] == 0 and info["threads"] == 1       # no CUDA: every layer on the CPU
+    assert info["llama_cpp_python"] == llama_cpp.__version__
+    # llama.cpp ran in the child: its RSS is reported, no GPU figure without a GPU
+    assert 0 < info["cpu_rss_gib"] < 4 and "gpu_used_gib" not in info
+    child = runner.child.proc
+    assert child.pid != __import__("os").getpid() and child.poll() is None
+    assert runner.child.loaded["torch_imported"] is False
+    runner.close()
+    assert child.poll() == 0
 
     ref = llama_cpp.Llama(info["gguf"], n_gpu_layers=-1, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     seq = ctx.prompt + r1.tokens
@@ -236,3 +244,83 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     _, info_off, _ = run_bench.build_llamacpp(ctx, offload=True)
     assert info_off["n_gpu_layers"] == run_bench.offload_layers_for_budget(cfg, ctx.budget, 64) == 0
     assert n_exports == 1 and sum("exporting" in m for m in logs) == 1 and any("reusing" in m for m in logs)
+
+
+def _engine_greedy(model, prompt: list[int], n_new: int) -> list[int]:
+    """This engine's greedy tokens: the prompt as one batch, then one token at a time."""
+    model.setup_cache(1, 64)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), torch.arange(len(prompt)))     # (1, T, V)
+        tokens = [int(logits[0, -1].argmax())]
+        for pos in range(len(prompt), len(prompt) + n_new - 1):
+            logits = model(torch.tensor([[tokens[-1]]]), torch.tensor([pos]))  # (1, 1, V)
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp (llama-cpp-python) is not installed")
+def test_llamacpp_child_greedy_equals_engine_greedy(make_hf_model, tmp_path):
+    """bench/llamacpp_child.py on its own (JSON lines over a pipe): its greedy tokens are this engine's
+    greedy tokens (SiLU model, f32 GGUF), every run; bad requests are one JSON error line + exit 1."""
+    import subprocess
+    import sys
+
+    from bench.run_bench import REPO
+    from hybrid_runtime.loading import load_model
+
+    _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", initializer_range=0.1)
+    out = export_gguf(path, tmp_path / "m.gguf", dtype="f32")
+    prompt, n_new = [0, 17, 99, 200, 5, 42, 7, 150], 16
+    model = load_model(str(path), device="cpu", dtype=torch.float32)
+    want = _engine_greedy(model, prompt, n_new)
+    # the test can fail: the stale-scores bug (argmax of a zero row) would give token 0 every step
+    assert len(set(want)) > 1
+
+    def child(*requests) -> tuple[int, list[dict]]:
+        r = subprocess.run([sys.executable, "-m", "bench.llamacpp_child"], cwd=str(REPO), capture_output=True,
+                           text=True, timeout=120, input="".join(json.dumps(q) + "\n" for q in requests))
+        return r.returncode, [json.loads(line) for line in r.stdout.splitlines()]
+
+    load = {"gguf": str(out), "n_gpu_layers": 0, "n_ctx": 64, "threads": 1}
+    rc, replies = child(load, {"prompt": prompt, "n_new": n_new, "runs": 2}, {"prompt": prompt[:3], "n_new": 4})
+    assert rc == 0 and [r["event"] for r in replies] == ["loaded", "runs", "runs"]
+    loaded, runs = replies[0], replies[1]["runs"]
+    assert loaded["torch_imported"] is False and loaded["gpu_used_mib"] is None and loaded["rss_peak_gib"] > 0
+    assert [r["tokens"] for r in runs] == [want, want]
+    assert all(r["decode_steps"] == n_new - 1 and r["prompt_tokens"] == 8 and r["prefill_s"] > 0 for r in runs)
+    assert replies[2]["runs"][0]["tokens"] == _engine_greedy(model, prompt[:3], 4)
+
+    rc, replies = child(load, {"prompt": [0, 99999], "n_new": 2})
+    assert rc == 1 and replies[-1]["ok"] is False and "token ids" in replies[-1]["error"]
+    rc, replies = child({**load, "gguf": str(tmp_path / "missing.gguf")})
+    assert rc == 1 and replies == [{"ok": False, "error": replies[0]["error"], "skip": False}]
+    assert "missing.gguf" in replies[0]["error"]
+
+
+def test_llamacpp_child_crash_and_hang_are_one_clear_error(monkeypatch):
+    """A child killed by a signal (the H100 segfault) or one that never answers: one RuntimeError line
+    naming the signal / the timeout, and no process left behind."""
+    import sys
+
+    from bench.run_bench import LlamaCppChild
+
+    class Crashing(LlamaCppChild):
+        command = [sys.executable, "-c", "import os, signal, sys; sys.stderr.write('ggml: about to crash\\n'); "
+                                         "sys.stderr.flush(); sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)"]
+
+    with pytest.raises(RuntimeError) as e:
+        Crashing({"gguf": "x"}, lambda: 60.0)
+    msg = str(e.value)
+    assert "SIGSEGV" in msg and "-11" in msg and "loading the model" in msg and "about to crash" in msg
+    assert "\n" not in msg
+
+    class Hanging(LlamaCppChild):
+        command = [sys.executable, "-c", "import time; time.sleep(120)"]
+
+    made = []
+    real_init = LlamaCppChild.__init__
+    monkeypatch.setattr(Hanging, "__init__", lambda self, *a, **k: (made.append(self), real_init(self, *a, **k))[1])
+    with pytest.raises(RuntimeError, match="no reply after 1 s"):
+        Hanging({"gguf": "x"}, lambda: 1.0)
+    assert made[0].proc.poll() is not None          # killed, not left running

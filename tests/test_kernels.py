@@ -514,3 +514,24 @@ def test_cuda_input_checks(cuda_backend):
         K.sparse_down(torch.zeros(1, f, device="cuda"), down, idx, torch.zeros(2, dtype=torch.int32, device="cuda"))
     with pytest.raises(ValueError, match="capacity"):
         K.active_indices(torch.randn(1, f, device="cuda"), 0.0, idx_out=torch.empty(f - 1, dtype=torch.int32, device="cuda"))
+
+
+def test_index_list_checked_before_any_backend():
+    """Bad idx/count raise in Python on every device (a bad input reaching the CUDA binding once
+    crashed the process), here through the CPU reference path."""
+    d, f = 16, 40
+    gen = torch.Generator().manual_seed(3)
+    gate, up, down = (torch.randn(f, d, generator=gen) for _ in range(3))
+    x, a = torch.randn(1, d, generator=gen), torch.randn(1, f, generator=gen)
+    idx, count = torch.arange(f, dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(TypeError, match="idx: expected int32"):
+        K.sparse_gate_up(x, gate, up, idx.long(), count, "relu")
+    with pytest.raises(TypeError, match="count: expected int32"):
+        K.sparse_up_given_gate(x, x @ gate.T, up, idx, count.long(), "relu")
+    with pytest.raises(ValueError, match="idx: expected a contiguous 1-D"):
+        K.sparse_down(a, down, idx.view(2, f // 2), count)
+    with pytest.raises(ValueError, match="count: expected 1 element"):
+        K.sparse_down(a, down, idx, torch.zeros(2, dtype=torch.int32))
+    # the good call still matches the reference
+    y = K.sparse_down(a, down, idx, count)
+    torch.testing.assert_close(y, a[:, :5] @ down[:5])
