@@ -137,6 +137,8 @@ class SyntheticConfig:
             raise UserError("synthetic model: fatrelu needs act_threshold > 0")
         if not 0 < self.mean_density < self.max_freq <= 1:
             raise UserError("synthetic model: need 0 < mean_density < max_freq <= 1")
+        if not self.freq_sigma >= 0:
+            raise UserError(f"synthetic model: freq_sigma (--freq-sigma) must be >= 0, got {self.freq_sigma}")
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
             raise UserError("synthetic model: calib_tokens must be >= calib_seq_len >= 2")
         if self.dim % self.n_heads:

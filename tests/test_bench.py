@@ -181,6 +181,9 @@ def test_bench_bad_input_is_one_clear_error(tiny_bench_model, work, tmp_path, mo
     assert code == 2 and "below the minimum" in err and "GiB" in err
     code, _, err = _run_cli(monkeypatch, capsys, "--gpu-memory", "eight", "--out", str(tmp_path))
     assert code == 2 and "memory size" in err
+    code, _, err = _run_cli(monkeypatch, capsys, "--model", "synthetic-tiny", "--work", str(work),
+                            "--freq-sigma", "-1", "--out", str(tmp_path))
+    assert code == 2 and "freq_sigma (--freq-sigma) must be >= 0" in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.json"))
 
 
