@@ -43,8 +43,9 @@ prepare)
     du -ch "$CARRY"/*
     ;;
 install)
-    # A wheel built by an earlier call (copied back from $OUT into .carry/llamacpp/) installs in seconds.
-    wheel="$(ls "$CARRY"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1 || true)"
+    # A wheel built by an earlier call on this (still warm) machine installs in seconds. It cannot be
+    # carried back: the sm_90 build is 265 MB (measured 2026-11-23), over what a call returns.
+    wheel="$(ls "$ROOT"/build/llamacpp-wheel/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -1 || true)"
     python3 -m pip install --no-index --no-deps "$CARRY"/gguf-*.whl "$CARRY"/diskcache-*.whl
     if [ -z "$wheel" ]; then
         test -f "$CARRY/llama_cpp_python-$VERSION.tar.gz" || { echo "no $CARRY/llama_cpp_python-$VERSION.tar.gz: run 'prepare' here and carry .carry/llamacpp" >&2; exit 2; }
@@ -63,7 +64,6 @@ install)
             || { tail -60 "$log"; [ -n "${OUT:-}" ] && cp "$log" "$OUT/"; exit 1; }
         { grep -oE '\[[0-9]+/[0-9]+\]' "$log" || echo 'nothing to rebuild'; } | tail -1
         wheel="$(ls "$ROOT"/build/llamacpp-wheel/llama_cpp_python-"$VERSION"-*.whl | head -1)"
-        if [ -n "${OUT:-}" ]; then cp "$wheel" "$OUT/"; fi    # carry it next time: no rebuild
     fi
     ls -la "$wheel"
     python3 -m pip install --no-index --no-deps --force-reinstall "$wheel"

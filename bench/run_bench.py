@@ -1889,8 +1889,9 @@ def format_markdown(res: dict) -> str:
              "",
              "\"peak GPU GiB\": `torch.cuda.max_memory_allocated()` over the system's load and runs for this engine "
              "and transformers (tensors torch allocated, not its reserved cache); for llama.cpp (marked *), which "
-             "allocates outside torch, the device-wide use: free memory (`cudaMemGetInfo`) before loading minus the "
-             "least free memory seen after each run (its weights, KV cache and compute buffers).",
+             "allocates outside torch in its own child process, the device-wide use read by `nvidia-smi`: the most "
+             "memory in use after loading and after each run, minus what was in use before loading (its weights, "
+             "KV cache, compute buffers and CUDA context).",
              ""]
     if res.get("checks"):
         lines += ["## Targets (issue 7)", ""] + [f"- {c}" for c in res["checks"]] + [""]

@@ -268,16 +268,6 @@ class StepProfile:
         return cold_firing_counts(self.cold_ffns, self.x[:n], [s[:n] for s in self.sel])
 
 
-def _rows_f32(w: np.ndarray, scales: np.ndarray, fmt: str, rows: np.ndarray) -> torch.Tensor:
-    """Stored cold rows (uint16 bf16/fp16 bit patterns, or int8 with row scales) -> fp32 (n, d) tensor."""
-    sub = w[rows]
-    if fmt == "bf16":
-        return torch.from_numpy(sub.view(np.int16)).view(torch.bfloat16).float()
-    if fmt == "fp16":
-        return torch.from_numpy(sub.view(np.float16)).float()
-    return torch.from_numpy(sub).float() * torch.from_numpy(scales[rows])[:, None]
-
-
 def cold_firing_counts(cold_ffns: list, x: np.ndarray, sel: list[np.ndarray]) -> np.ndarray:
     """Which selected cold neurons really fired, recomputed on the host after timing.
 
@@ -298,8 +288,9 @@ def cold_firing_counts(cold_ffns: list, x: np.ndarray, sel: list[np.ndarray]) ->
         if rows.size == 0:
             continue
         xt = torch.from_numpy(np.ascontiguousarray(x[:, l])).T                        # (d, T)
-        g = _rows_f32(cold.gate, cold.gate_scale, cold.fmt, rows) @ xt                 # (U, T)
-        u = _rows_f32(cold.up, cold.up_scale, cold.fmt, rows) @ xt if ffn.act == "drelu" else torch.ones_like(g)
+        gate_rows, up_rows, _ = cold.dequantize(rows)                                   # (U, d) fp32 each
+        g = torch.from_numpy(gate_rows) @ xt                                            # (U, T)
+        u = torch.from_numpy(up_rows) @ xt if ffn.act == "drelu" else torch.ones_like(g)
         chosen = torch.from_numpy(np.ascontiguousarray(m[:, rows].T))                 # (U, T)
         gate_fired = active_mask(g, torch.ones_like(g), ffn.act, ffn.threshold) & chosen
         active = active_mask(g, u, ffn.act, ffn.threshold) & chosen
