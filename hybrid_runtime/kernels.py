@@ -315,12 +315,12 @@ def active_indices(scores: torch.Tensor, threshold: float = 0.0, *, inclusive: b
     f = scores.shape[1]
     idx = idx_out if idx_out is not None else torch.empty(f, dtype=torch.int32, device=scores.device)
     count = count_out if count_out is not None else torch.empty(1, dtype=torch.int32, device=scores.device)
+    if idx.numel() < f:   # checked here for every backend: an error thrown inside the binding crashed
+        raise ValueError(f"idx_out: capacity {idx.numel()} is smaller than f = {f}")   # the H100 process
     ext = _ext_for(scores, idx, count)
     if ext is not None:
         ext.active_indices(scores, float(threshold), bool(inclusive), bool(magnitude), idx, count)
         return idx, count
-    if idx.numel() < f:
-        raise ValueError(f"idx_out: capacity {idx.numel()} is smaller than f = {f}")
     ref_idx, ref_count = active_indices_ref(scores, threshold, inclusive=inclusive, magnitude=magnitude)
     idx[:f].copy_(ref_idx)
     count.copy_(ref_count)

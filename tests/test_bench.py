@@ -563,3 +563,22 @@ def test_targets_compare_with_llamacpp_when_it_ran():
     assert "hybrid vs llama.cpp at the same budget: 5.00x" in out
     assert "hybrid fully on the GPU vs llama.cpp fully on the GPU: 2.00x" in out
     assert "dense layer offload" not in out
+
+
+def test_cpu_ffn_microbench_runs_both_kernels(tmp_path):
+    """bench/bench_cpu_ffn.py end to end on a tiny shape: both kernel variants (each checked against the
+    numpy reference inside the bench) and a well-formed JSON; never a timing assertion."""
+    from click.testing import CliRunner
+
+    from bench.bench_cpu_ffn import main as cpu_ffn_bench
+    out = tmp_path / "cpu_ffn.json"
+    res = CliRunner().invoke(cpu_ffn_bench, ["--formats", "fp16,int8", "--dim", "256", "--n-cold", "300",
+                                             "--total-gb", "0.005", "--active-frac", "0.1", "--superset", "2",
+                                             "--seconds", "0.05", "--batch-tokens", "4", "--skewed",
+                                             "--compare-8way", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert [(r["fmt"], r["kernel"]) for r in data["decode"]] == [
+        ("fp16", "4-way"), ("fp16", "8-way"), ("int8", "4-way"), ("int8", "8-way")]
+    assert all(r["calls"] > 0 and r["gbps_median"] > 0 for r in data["decode"])
+    assert [b["fmt"] for b in data["batch"]] == ["fp16", "int8"]

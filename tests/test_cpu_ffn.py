@@ -167,6 +167,20 @@ def test_decode_kernel_matches_reference(fmt, n_threads):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_kernel_every_group_tail(fmt, n_threads):
+    """Each thread's rows go four at a time, then one by one: every list length from 0 to 40 (per
+    thread: every tail length), fresh weights, x and rows each length."""
+    rng = np.random.default_rng(30 + n_threads)
+    cold = ColdRows.from_torch(*random_weights(int(rng.integers(1 << 30))), fmt=fmt)
+    ffn = ColdFFN(cold, "relu")
+    for n_active in range(41):
+        active = np.sort(rng.choice(N_COLD, n_active, replace=False)).astype(np.int32)
+        x = rng.standard_normal(DIM).astype(np.float32)
+        got = ffn.decode(x, active, np.full(DIM, np.nan, np.float32))
+        assert_close(got, cold_ffn_ref(cold, x, active, "relu"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_batch_kernel_matches_reference(fmt, n_threads):
     rng = np.random.default_rng(20 + n_threads)
     for act, threshold in ACTS:
