@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -16,17 +15,11 @@ from convert.evaluate import evaluate
 from convert.prosparse import ActivationRecorder, LambdaSchedule, load_hf_model, swap_activation
 from convert.train import LlamaSpec, LossShaping, TrainConfig, build_llama, has_checkpoint, train
 from hybrid_runtime.errors import UserError
+from textgen import make_text
 
 torch.set_num_threads(1)
 
-WORDS = ("the a cat dog bird sat ran flew on over under mat tree house red blue big small quickly slowly "
-         "and then when it was").split()
 SPEC = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
-
-
-def make_text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n_lines)) + "\n"
 
 
 @pytest.fixture(scope="module")

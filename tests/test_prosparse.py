@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -16,16 +15,9 @@ from convert.prosparse import (ACTIVATIONS, PRESETS, ActivationRecorder, LambdaS
                                l1_regularizer, load_hf_model, preset_schedule, sine_schedule, swap_activation)
 from convert.train import LlamaSpec, build_llama
 from hybrid_runtime.errors import UserError
+from textgen import make_text
 
 torch.set_num_threads(1)
-
-WORDS = ("the a cat dog bird sat ran flew on over under mat tree house red blue big small quickly slowly "
-         "and then when it was").split()
-
-
-def make_text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n_lines)) + "\n"
 
 
 @pytest.fixture(scope="module")
