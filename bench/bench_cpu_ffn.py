@@ -49,8 +49,10 @@ def _parallel_sum(buf, n_chunks):
 
 
 # An eight-rows-at-a-time variant of the decode kernel (the runtime reads four rows at a time), kept to
-# measure the two against each other (`--compare-8way`). On the dev VM (2 threads) eight beat four by
-# 4-11%; on the H100 host (16 threads, 6 GB pool, 2026-11-23) four won, 68.3 vs 65.6 GB/s median.
+# measure the two against each other (`--compare-8way`). Dev VM (2 threads, 4 GB pool): equal at the runtime's
+# 8 GiB active-set shape (30.0 vs 30.4 GB/s), eight faster only with 48 rows per call
+# (bench/results/cpu_ffn_8way_devvm.txt); H100 host (16 threads, 6 GB pool, 2026-11-23): four won, 68.3 vs 65.6
+# GB/s median.
 
 @njit
 def _dot_row8(w0, w1, w2, w3, w4, w5, w6, w7, fmt, x):
