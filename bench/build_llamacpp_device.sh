@@ -5,10 +5,20 @@
 #   bash bench/build_llamacpp_device.sh prepare   # HERE (has PyPI): sdist, repacked, + wheels -> .carry/llamacpp/
 #   bash bench/build_llamacpp_device.sh install   # ON THE GPU MACHINE, with carry [".carry/llamacpp"]
 #
-# Why a repack: the llama-cpp-python sdist (0.3.36: 76.6 MB) carries its own .git, llama.cpp's
-# tokenizer test models, docs, tools and every other GPU backend; the device call can carry 64 MiB
-# in all, the repository included. None of it is used by this build (checked: CMake configures
-# with them removed); the repack is ~4 MB.
+# Why a repack: the llama-cpp-python sdist (0.3.36: 76.6 MB) carries its own .git (39 MB) and llama.cpp's
+# docs and tokenizer test vocabularies (113 MB unpacked); the device call can carry 64 MiB in all, the
+# repository included. Only those are removed (12.5 MB repack): CMake never reads them. (The third session
+# of 2026-11-23 used a 3.7 MB repack that also dropped tools/, tests/, examples/ and the other GPU backends;
+# the fourth session's diagnosis showed the segfaults it saw do not depend on the repack: the 12.5 MB one
+# crashed the same way with the image's host compiler.)
+#
+# Host compiler: the image sets CUDAHOSTCXX=/opt/gcc/bin/g++ (a wrapper around the same GCC 13.3). Built with
+# it (first machine of 2026-11-23, fourth session), llama.cpp segfaulted in llama_model::print_info in every
+# process that had imported torch AND in bench/llamacpp_child.py started from the bench (no torch in it);
+# built with the system g++ as nvcc's host compiler (below, second machine) and the child importing llama_cpp
+# before numpy, the child loaded and ran both 7B systems; a process that imported torch first still
+# segfaulted. The two changes were made together, so which of them fixed the child is not known. Run
+# llama.cpp in a process without torch (the bench does: bench/llamacpp_child.py).
 #
 # What the device image already has (KINDS.md, "Python packages already there"): scikit-build-core,
 # cmake, ninja, pathspec, packaging, numpy, jinja2, typing-extensions, pyyaml, requests, tqdm. Missing,
@@ -31,13 +41,9 @@ prepare)
     pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp/dl"
     tar xzf "$tmp/dl/llama_cpp_python-$VERSION.tar.gz" -C "$tmp"
     src="$tmp/llama_cpp_python-$VERSION"
-    # not part of this build (LLAVA/tests/examples/tools off, CPU + CUDA backends only): the sdist's own
-    # .git (39 MB), vendored test vocabularies, docs, tools, the other GPU backends. 76 MB -> ~4 MB.
-    rm -rf "$src/.git" "$src/.github" "$src/docker" "$src/docs" "$src/examples" "$src/tests"
-    ( cd "$src/vendor/llama.cpp" && rm -rf .git .github .devops docs media tools benches tests examples \
-        conversion scripts gguf-py models pocs app )
-    ( cd "$src/vendor/llama.cpp/ggml/src" && rm -rf ggml-cann ggml-et ggml-hexagon ggml-hip ggml-metal ggml-musa \
-        ggml-opencl ggml-openvino ggml-sycl ggml-virtgpu ggml-vulkan ggml-webgpu ggml-zdnn ggml-zendnn )
+    # not read by this build: the sdist's own .git (39 MB), llama.cpp's docs, media and test vocabularies
+    rm -rf "$src/.git" "$src/vendor/llama.cpp/.git" "$src/vendor/llama.cpp/docs" "$src/vendor/llama.cpp/media" \
+        "$src/vendor/llama.cpp/models"
     tar czf "$CARRY/llama_cpp_python-$VERSION.tar.gz" -C "$tmp" "llama_cpp_python-$VERSION"
     pip download --no-deps "gguf==0.19.0" "diskcache==5.6.3" -d "$CARRY"
     du -ch "$CARRY"/*
@@ -56,8 +62,8 @@ install)
         mkdir -p "$ROOT/build/llamacpp-cmake" "$ROOT/build/llamacpp-wheel"
         log="$ROOT/build/llamacpp-build.log"
         echo "building (log: $log)"
-        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-        CMAKE_ARGS="${LLAMACPP_CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=on} \
+        env -u CUDAHOSTCXX CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+        CMAKE_ARGS="${LLAMACPP_CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=on -DCMAKE_CUDA_HOST_COMPILER=$(command -v g++)} \
 -DLLAVA_BUILD=off -DLLAMA_BUILD_TESTS=off -DLLAMA_BUILD_EXAMPLES=off -DLLAMA_BUILD_TOOLS=off -DLLAMA_BUILD_SERVER=off" \
         python3 -m pip wheel --no-index --no-deps --no-build-isolation -v -w "$ROOT/build/llamacpp-wheel" \
             -C build-dir="$ROOT/build/llamacpp-cmake" "$src" > "$log" 2>&1 \

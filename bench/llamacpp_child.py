@@ -1,9 +1,10 @@
 """One llama.cpp system in its own process (bench/run_bench.py's llamacpp-* systems).
 
-llama-cpp-python segfaulted when its Llama was created inside the benchmark process on the H100 (which
-already holds torch's CUDA context, torch's bundled CUDA/cuBLAS libraries and Numba's OpenMP pool), while
-the same GGUF ran fine in a fresh process. So llama.cpp runs here, in a child that imports no torch
-(stdlib + numpy + llama_cpp only), and talks JSON lines over stdin/stdout:
+On the H100 machine's image, loading a model with llama-cpp-python segfaults (in llama_model::print_info,
+inside ostream code) in any process that has imported torch, with or without a CUDA context; fresh processes,
+also next to another process holding a CUDA context, load it fine (bench/llamacpp_diag.sh, 2026-11-23). So
+llama.cpp runs here, in a child that imports no torch (stdlib + llama_cpp, then numpy), and talks JSON lines
+over stdin/stdout:
 
     -> {"gguf": PATH, "n_gpu_layers": -1, "n_ctx": 64, "n_batch": 512, "threads": 8,
         "flash_attn": true, "require_gpu_offload": true, "measure_gpu": true}            (load)
@@ -38,8 +39,6 @@ import subprocess
 import sys
 import time
 import traceback
-
-import numpy as np
 
 MiB = 1024 ** 2
 GiB = 1024 ** 3
@@ -81,8 +80,11 @@ class LlamaCppSystem:
     """A loaded Llama and the greedy loop the bench times."""
 
     def __init__(self, req: dict):
+        # llama_cpp before numpy: the order of a plain `python -c "import llama_cpp"`, which loaded fine on
+        # the H100 machine where this child (numpy first) segfaulted (2026-11-23, first llama.cpp build there)
         import llama_cpp
-        self.llama_cpp = llama_cpp
+        import numpy as np
+        self.llama_cpp, self.np = llama_cpp, np
         gguf = req.get("gguf")
         if not isinstance(gguf, str) or not os.path.isfile(gguf):
             raise ChildError(f"request field 'gguf': no such file {gguf!r}")
@@ -122,7 +124,7 @@ class LlamaCppSystem:
     def next_token(self) -> int:
         """Greedy token from the last evaluated position's logits (waits for the GPU)."""
         ptr = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))   # (V,)
+        logits = self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))   # (V,)
         return int(logits.argmax())
 
     def generate(self, prompt: list[int], n_new: int) -> dict:

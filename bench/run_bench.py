@@ -1242,9 +1242,9 @@ def llamacpp_gguf(ctx: Ctx) -> Path:
 
 
 class LlamaCppChild:
-    """llama.cpp in a child process (bench/llamacpp_child.py, which imports no torch): creating
-    llama_cpp.Llama inside this process segfaulted on the H100 (torch's CUDA context and bundled CUDA
-    libraries, Numba's OpenMP pool), the same GGUF ran fine in a fresh process. JSON lines over the
+    """llama.cpp in a child process (bench/llamacpp_child.py, which imports no torch): on the H100 image a
+    model load segfaults in any process that has imported torch (bench/llamacpp_diag.sh), fresh processes
+    load it fine. JSON lines over the
     child's stdin/stdout; every reply waits at most `timeout_s()` seconds (the bench's time budget), and a
     child that dies or hangs becomes one clear RuntimeError (a failed row; the bench goes on)."""
 
@@ -1875,13 +1875,23 @@ def format_machine(dev: dict) -> str:
     return "\n".join(lines)
 
 
+def _all_notes(res: dict) -> list[str]:
+    """Every note of the run, as markdown list items: per system, per sweep point, then the run's own."""
+    return [f"- {r['system']}: {n}" for r in res["systems"] for n in r.get("notes", [])] + \
+        [f"- sweep {p['budget_gib']:g} GiB {p['system']}: {n}" for p in res.get("sweep") or []
+         for n in p.get("notes", [])] + [f"- {n}" for n in res.get("notes", [])]
+
+
 def format_markdown(res: dict) -> str:
     s = res.get("settings", {})
     m = res.get("model", {})
+    notes = _all_notes(res)
+    trimmed = sum("time budget" in n for n in notes)
+    status = ("Run finished" if res.get("complete") else "PARTIAL (written while running)") + \
+        (f"; {trimmed} item(s) shortened or skipped for the time budget (Notes)." if trimmed else ".")
     lines = [f"# Benchmark: {m.get('name', '?')} on {res['device'].get('gpu', 'CPU')} ({res['date']})", "",
              f"Prompt {s.get('prompt_tokens')} tokens, {s.get('new_tokens')} generated, batch 1, greedy, EOS ignored; "
-             f"warm-up excluded; median of up to {s.get('runs')} runs; GPU budget {s.get('gpu_memory')}. "
-             f"{'Complete.' if res.get('complete') else 'PARTIAL (written while running).'}", "",
+             f"warm-up excluded; median of up to {s.get('runs')} runs; GPU budget {s.get('gpu_memory')}. {status}", "",
              format_tables(res, markdown=True), "",
              "\"same tokens\": generated tokens equal to the dense engine's before the first difference. The "
              "synthetic model's logits are random, with tiny top-1 margins: the approximate predictor mode diverges "
@@ -1912,9 +1922,6 @@ def format_markdown(res: dict) -> str:
         title = "CUDA-graphed step" if pt.get("kind") == "graphed" else "eager step, phase timers"
         lines += [f"## Decode time breakdown ({r['system']}, {title})", "", "```", format_any_profile(pt, True),
                   "```", ""]
-    notes = [f"- {r['system']}: {n}" for r in res["systems"] for n in r.get("notes", [])] + \
-            [f"- sweep {p['budget_gib']:g} GiB {p['system']}: {n}" for p in res.get("sweep") or []
-             for n in p.get("notes", [])] + [f"- {n}" for n in res.get("notes", [])]
     if notes:
         lines += ["## Notes", ""] + notes + [""]
     lines += ["## Reference figures (issue 7: H100 machine, 7B shape, random weights; NOT this run)", ""] + \

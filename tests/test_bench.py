@@ -164,6 +164,13 @@ def test_bench_smoke_run_writes_a_well_formed_table_and_json(tiny_bench_model, w
     assert res["model"]["profile"]["sparsity"] > 0.8 and res["bandwidth"]["cpu_read_GBps"] > 0
     md = next(tmp_path.glob("*.md")).read_text()
     assert "| system |" in md and "hybrid-cpu" in md and "Construction" in md
+    assert "Run finished." in md.splitlines()[2]              # nothing was trimmed for the time budget
+    res["sweep"] = [{"system": "hybrid", "budget_gib": 16, "notes": ["skipped (time budget: ~17 s needed, 5 s left)"]}]
+    res["complete"] = False
+    from bench.run_bench import format_markdown
+    head = format_markdown(res).splitlines()[2]
+    assert "PARTIAL (written while running); 1 item(s) shortened or skipped for the time budget" in head
+    assert "- sweep 16 GiB hybrid: skipped (time budget" in format_markdown(res)
     assert "## Machine" in md and "## Sparsity profile" in md and "threading layer" in md
     dev = res["device"]
     assert dev["numba_threading_layer"] and "f16c" in dev["cpu_flags"] and dev["work_disk_free_gib"] > 0

@@ -174,21 +174,46 @@ def test_export_f32_and_bad_input(make_hf_model, tmp_path):
         export_gguf(bin_path, tmp_path / "y.gguf")
 
 
+_LLAMACPP_LOGITS = """
+import sys
+import llama_cpp            # first, and no torch: see llamacpp_logits
+import numpy as np
+gguf, ngl, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+tokens = [int(t) for t in sys.argv[4].split(",")]
+llm = llama_cpp.Llama(gguf, n_gpu_layers=ngl, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+llm.eval(tokens)
+np.save(out, np.array(llm.scores[:len(tokens)], dtype=np.float32))
+"""
+
+
+def llamacpp_logits(gguf, tokens: list[int], tmp_path, n_gpu_layers: int = 0) -> torch.Tensor:
+    """llama.cpp's logits (T, V) for every position of `tokens`, from a fresh Python process.
+
+    Not in this process: on the H100 machine's image (torch 2.11+cu130), loading a model segfaults in
+    llama_model::print_info in any process that has imported torch (bench/llamacpp_diag.sh, 2026-11-23),
+    and that would take the whole test run down with it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"logits-{len(tokens)}.npy"
+    r = subprocess.run([sys.executable, "-c", _LLAMACPP_LOGITS, str(gguf), str(n_gpu_layers), str(out),
+                        ",".join(map(str, tokens))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"llama.cpp process exited with {r.returncode}: {r.stderr[-2000:]}"
+    return torch.from_numpy(np.load(out))
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
                     reason="llama_cpp (llama-cpp-python) is not installed")
 def test_llamacpp_matches_engine_greedy(make_hf_model, tmp_path):
     """llama.cpp on our GGUF reproduces our dense engine (SiLU model): same logits within fp16 tolerance."""
-    import llama_cpp
     from hybrid_runtime.loading import load_model
 
     # initializer_range 0.1: logits of order 1, so a wrong q/k layout shows (error ~1 vs ~1e-3)
     _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", num_hidden_layers=2,
                             max_position_embeddings=128, initializer_range=0.1)
     out = export_gguf(path, tmp_path / "m.gguf", dtype="f32")
-    llm = llama_cpp.Llama(str(out), n_gpu_layers=0, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     prompt = [0, 17, 99, 200, 5, 42, 7, 150]
-    llm.eval(prompt)
-    got = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))      # (T, V)
+    got = llamacpp_logits(out, prompt, tmp_path)                                        # (T, V)
 
     model = load_model(str(path), device="cpu", dtype=torch.float32)
     model.setup_cache(1, 64)
@@ -203,9 +228,9 @@ def test_llamacpp_matches_engine_greedy(make_hf_model, tmp_path):
 def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     """bench's llama.cpp runner: exact token count, greedy (= teacher-forced argmax of llama.cpp's own
     logits), repeatable across runs (the KV cache is reset), GGUF exported once and cached."""
+    from importlib.metadata import version
     from types import SimpleNamespace
 
-    import llama_cpp
     from bench import run_bench
     from hybrid_runtime.model import ModelConfig
 
@@ -224,7 +249,7 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     assert r1.tokens == r2.tokens
     assert r1.prefill_s > 0 and r1.decode_s > 0 and lim.tps and lim.cpu_bytes > 0
     assert info["n_gpu_layers"] == 0 and info["threads"] == 1       # no CUDA: every layer on the CPU
-    assert info["llama_cpp_python"] == llama_cpp.__version__
+    assert info["llama_cpp_python"] == version("llama_cpp_python")
     # llama.cpp ran in the child: its RSS is reported, no GPU figure without a GPU
     assert 0 < info["cpu_rss_gib"] < 4 and "gpu_used_gib" not in info
     child = runner.child.proc
@@ -233,10 +258,8 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     runner.close()
     assert child.poll() == 0
 
-    ref = llama_cpp.Llama(info["gguf"], n_gpu_layers=-1, n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     seq = ctx.prompt + r1.tokens
-    ref.eval(seq[:-1])
-    scores = np.array(ref.scores[:len(seq) - 1])                          # (T, V)
+    scores = llamacpp_logits(info["gguf"], seq[:-1], tmp_path)                     # (T, V)
     assert scores[len(ctx.prompt) - 1:].argmax(-1).tolist() == r1.tokens
 
     n_exports = sum("exporting" in m for m in logs)
