@@ -25,8 +25,8 @@ import numpy as np
 from numba import njit, prange
 
 from hybrid_runtime import cpu_ffn as cpu_ffn_module
-from hybrid_runtime.cpu_ffn import (FMT_INT8, ColdFFN, ColdRows, _add_into, _axpy_row, _axpy_row4, _combine,
-                                    _dot_row, _dot_row4, _gate_act, _w, cold_ffn_ref)
+from hybrid_runtime.cpu_ffn import (FMT_INT8, ColdFFN, ColdRows, _add_into, _axpy_rows, _combine, _dot_rows,
+                                    _gate_act, _w, cold_ffn_ref)
 
 
 @njit(fastmath=True, cache=True)
@@ -90,42 +90,32 @@ def _axpy_row8(a0, w0, a1, w1, a2, w2, a3, w3, a4, w4, a5, w5, a6, w6, a7, w7, f
 
 @njit
 def _dot_rows_8way(w, scales, fmt, rows, x, out):
-    """out[i] = (w[rows[i]] . x) * scale[rows[i]], eight rows at a time (then four, then one)."""
+    """out[i] = (w[rows[i]] . x) * scale[rows[i]], eight rows at a time; the tail by the runtime's _dot_rows."""
     n = rows.shape[0]
     n8 = n - n % 8
     for i in range(0, n8, 8):
         out[i], out[i + 1], out[i + 2], out[i + 3], out[i + 4], out[i + 5], out[i + 6], out[i + 7] = _dot_row8(
             w[rows[i]], w[rows[i + 1]], w[rows[i + 2]], w[rows[i + 3]],
             w[rows[i + 4]], w[rows[i + 5]], w[rows[i + 6]], w[rows[i + 7]], fmt, x)
-    n4 = n - n % 4
-    for i in range(n8, n4, 4):
-        out[i], out[i + 1], out[i + 2], out[i + 3] = _dot_row4(
-            w[rows[i]], w[rows[i + 1]], w[rows[i + 2]], w[rows[i + 3]], fmt, x)
-    for i in range(n4, n):
-        out[i] = _dot_row(w[rows[i]], fmt, x)
     if fmt == FMT_INT8:
-        for i in range(n):
+        for i in range(n8):
             out[i] *= scales[rows[i]]
+    _dot_rows(w, scales, fmt, rows[n8:], x, out[n8:])
 
 
 @njit
 def _axpy_rows_8way(w, scales, fmt, rows, a, out):
-    """out += sum_i a[i] * scale[rows[i]] * w[rows[i]], eight rows at a time (then four, then one)."""
+    """out += sum_i a[i] * scale[rows[i]] * w[rows[i]], eight rows at a time; the tail by the runtime's _axpy_rows."""
     n = rows.shape[0]
-    if fmt == FMT_INT8:
-        for i in range(n):
-            a[i] *= scales[rows[i]]
     n8 = n - n % 8
+    if fmt == FMT_INT8:
+        for i in range(n8):
+            a[i] *= scales[rows[i]]
     for i in range(0, n8, 8):
         _axpy_row8(a[i], w[rows[i]], a[i + 1], w[rows[i + 1]], a[i + 2], w[rows[i + 2]], a[i + 3], w[rows[i + 3]],
                    a[i + 4], w[rows[i + 4]], a[i + 5], w[rows[i + 5]], a[i + 6], w[rows[i + 6]],
                    a[i + 7], w[rows[i + 7]], fmt, out)
-    n4 = n - n % 4
-    for i in range(n8, n4, 4):
-        _axpy_row4(a[i], w[rows[i]], a[i + 1], w[rows[i + 1]], a[i + 2], w[rows[i + 2]],
-                   a[i + 3], w[rows[i + 3]], fmt, out)
-    for i in range(n4, n):
-        _axpy_row(a[i], w[rows[i]], fmt, out)
+    _axpy_rows(w, scales, fmt, rows[n8:], a[n8:], out)   # scales its own part of a
 
 
 @njit

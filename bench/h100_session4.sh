@@ -23,6 +23,33 @@ out=${OUT:?run on the device machine}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HYBRID_RUNTIME_CACHE=/tmp/hr_cache
 t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 R=/tmp/chain
+# steps both stages run
+machine_facts() {
+    { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; lscpu | grep -E "Model name|^CPU\(s\)|L3|Thread"; \
+      cat /sys/kernel/mm/transparent_hugepage/enabled; uname -r; df -h /tmp | tail -1; } > $R/machine.txt 2>&1
+}
+compiler_facts() {
+    { command -v g++; g++ --version | head -1; /opt/gcc/bin/g++ --version | head -1; \
+      ls /opt/gcc/lib64 /opt/gcc/lib 2>/dev/null | grep -E "stdc|gcc_s" | tr '\n' ' '; } >> $R/machine.txt 2>&1
+}
+builds() {   # llama.cpp in the background || the CUDA extension, then the 7B model (untimed)
+    ( bash bench/build_llamacpp_device.sh install > $R/llbuild.log 2>&1; echo $? > $R/llbuild.rc ) &
+    stamp "CUDA extension (while llama.cpp compiles)"
+    python3 setup.py build_ext --inplace > $R/ext_build.log 2>&1 || tail -30 $R/ext_build.log
+    stamp "7B model build (while llama.cpp compiles; untimed)"
+    python3 -m bench.run_bench --systems dense-gpu --runs 1 --new-tokens 8 --sweep none --out $R/prep \
+        --time-budget-s 400 > $R/prep7b.log 2>&1
+}
+wait_llamacpp() {
+    stamp "waiting for llama.cpp"; while [ ! -f $R/llbuild.rc ]; do sleep 2; done; tail -3 $R/llbuild.log
+}
+gguf_tests() {
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gguf.py > $R/gguf_tests.log 2>&1
+    echo "gguf tests rc=$?" | tee -a $R/gguf_tests.log
+}
+bench7b() {
+    python3 -m bench.run_bench --out $R/b7 --profile-time --time-budget-s 480 > $R/b7/console.log 2>&1
+}
 case "${1:-}" in
 start)
     mkdir -p $R
@@ -31,19 +58,13 @@ start)
     ;;
 chain)
     mkdir -p $R/b7 $R/b13 $R/diag
-    { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; lscpu | grep -E "Model name|^CPU\(s\)|L3|Thread"; \
-      cat /sys/kernel/mm/transparent_hugepage/enabled; uname -r; df -h /tmp | tail -1; } > $R/machine.txt 2>&1
-    ( bash bench/build_llamacpp_device.sh install > $R/llbuild.log 2>&1; echo $? > $R/llbuild.rc ) &
-    stamp "CUDA extension (while llama.cpp compiles)"
-    python3 setup.py build_ext --inplace > $R/ext_build.log 2>&1 || tail -30 $R/ext_build.log
-    stamp "7B model build (while llama.cpp compiles; untimed)"
-    python3 -m bench.run_bench --systems dense-gpu --runs 1 --new-tokens 8 --sweep none --out $R/prep \
-        --time-budget-s 400 > $R/prep7b.log 2>&1
+    machine_facts
+    builds
     stamp "GPU tests"
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_gpu_runtime.py \
         tests/test_decode_fusion.py tests/test_bench.py tests/test_cpu_ffn.py > $R/gpu_tests.log 2>&1
     echo "gpu tests rc=$?" | tee -a $R/gpu_tests.log
-    stamp "waiting for llama.cpp"; while [ ! -f $R/llbuild.rc ]; do sleep 2; done; tail -3 $R/llbuild.log
+    wait_llamacpp
     stamp "llamacpp-gpu alone (exports the 7B GGUF)"
     python3 -m bench.run_bench --systems llamacpp-gpu --runs 1 --new-tokens 16 --sweep none --out $R/prepll \
         --time-budget-s 300 > $R/prepll.log 2>&1
@@ -53,11 +74,10 @@ chain)
     bash bench/llamacpp_diag.sh $R/diag "$big" > $R/diag/diag.txt 2>&1
     touch $R/diag.done
     stamp "llama.cpp tests (GGUF export, llama.cpp vs this engine)"
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gguf.py > $R/gguf_tests.log 2>&1
-    echo "gguf tests rc=$?" | tee -a $R/gguf_tests.log
+    gguf_tests
     touch $R/tests.done
     stamp "7B bench"
-    python3 -m bench.run_bench --out $R/b7 --profile-time --time-budget-s 480 > $R/b7/console.log 2>&1
+    bench7b
     touch $R/b7.done
     stamp "13B bench"
     python3 -m bench.run_bench --model synthetic-13b --out $R/b13 --clean-work --gpu-memory 12GiB \
@@ -70,16 +90,9 @@ fresh)  # what ran on the second machine: llama.cpp built with the system g++ as
         # first machine's build, with the image's CUDAHOSTCXX=/opt/gcc/bin/g++, segfaulted in llama_model::print_info
         # inside a libstdc++ copy in libggml-cuda.so) || CUDA extension + 7B model; diagnosis; 7B bench; GGUF tests
     mkdir -p $R/b7 $R/diag
-    { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv; lscpu | grep -E "Model name|^CPU\(s\)|L3|Thread"; \
-      cat /sys/kernel/mm/transparent_hugepage/enabled; uname -r; df -h /tmp | tail -1; command -v g++; g++ --version | head -1; \
-      /opt/gcc/bin/g++ --version | head -1; ls /opt/gcc/lib64 /opt/gcc/lib 2>/dev/null | grep -E "stdc|gcc_s" | tr '\n' ' '; } > $R/machine.txt 2>&1
-    ( bash bench/build_llamacpp_device.sh install > $R/llbuild.log 2>&1; echo $? > $R/llbuild.rc ) &
-    stamp "CUDA extension (while llama.cpp compiles)"
-    python3 setup.py build_ext --inplace > $R/ext_build.log 2>&1 || tail -30 $R/ext_build.log
-    stamp "7B model build (while llama.cpp compiles; untimed)"
-    python3 -m bench.run_bench --systems dense-gpu --runs 1 --new-tokens 8 --sweep none --out $R/prep \
-        --time-budget-s 400 > $R/prep7b.log 2>&1
-    stamp "waiting for llama.cpp"; while [ ! -f $R/llbuild.rc ]; do sleep 2; done; tail -3 $R/llbuild.log
+    machine_facts; compiler_facts
+    builds
+    wait_llamacpp
     cp build/llamacpp-build.log $R/ 2>/dev/null
     lib=$(python3 -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))")/lib
     echo "libstdc++ symbols defined in libggml-cuda.so: $(nm -D --defined-only $lib/libggml-cuda.so | grep -c -E ' (_ZNS|_ZNKS|_ZSt)')" >> $R/machine.txt
@@ -88,11 +101,10 @@ fresh)  # what ran on the second machine: llama.cpp built with the system g++ as
     grep -E ": ok|FAILED" $R/diag/diag.txt
     touch $R/diag.done
     stamp "7B bench"
-    python3 -m bench.run_bench --out $R/b7 --profile-time --time-budget-s 480 > $R/b7/console.log 2>&1
+    bench7b
     touch $R/b7.done
     stamp "llama.cpp tests"
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gguf.py > $R/gguf_tests.log 2>&1
-    echo "gguf tests rc=$?" | tee -a $R/gguf_tests.log
+    gguf_tests
     stamp "fresh chain done"; touch $R/all.done
     ;;
 collect)

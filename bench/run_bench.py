@@ -833,18 +833,16 @@ def format_graphed_profile(p: dict, layers_table: bool = False) -> str:
                                                         f"is {p['host_timeline_ms']['profiling']:.2f} ms/token)"
                                                         if timed else ""),
              f"  host, per token (adds up to the {wall:.2f} ms wall)        ms/token  share  per layer us"]
-    for k, label in HOST_LABELS.items():
-        v = p["host_timeline_ms"][k]
-        per = p["per_layer_mean_us"]["host"].get(k)
-        lines.append(f"    {label:<50} {v:8.3f} {100 * v / max(wall, 1e-9):5.1f}%  " + (f"{per:9.1f}" if per is not None
-                                                                                       else f"{'-':>9}"))
+    def rows(labels: dict, timeline: dict, per_layer: dict, total: float) -> list[str]:
+        """One line per phase: ms/token, share of `total`, mean us per layer ('-' where not per layer)."""
+        return [f"    {label:<50} {timeline[k]:8.3f} {100 * timeline[k] / max(total, 1e-9):5.1f}%  "
+                + (f"{per_layer[k]:9.1f}" if per_layer.get(k) is not None else f"{'-':>9}")
+                for k, label in labels.items()]
+
+    lines += rows(HOST_LABELS, p["host_timeline_ms"], p["per_layer_mean_us"]["host"], wall)
     g = p["gpu_total_ms"]
     lines.append(f"  GPU, per token (CUDA events between the replays; adds up to {g:.2f} ms)")
-    for k, label in GPU_LABELS.items():
-        v = p["gpu_timeline_ms"][k]
-        per = p["per_layer_mean_us"]["gpu"].get(k)
-        lines.append(f"    {label:<50} {v:8.3f} {100 * v / max(g, 1e-9):5.1f}%  " + (f"{per:9.1f}" if per is not None
-                                                                                    else f"{'-':>9}"))
+    lines += rows(GPU_LABELS, p["gpu_timeline_ms"], p["per_layer_mean_us"]["gpu"], g)
     c = p["cold"]
     if c["layers_with_cold_rows"]:
         rate = f"{c['GBps']:.1f} GB/s" if c.get("GBps") else "-"
