@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_runtime import kernels as K
-from hybrid_runtime.model import apply_act
+from hybrid_runtime.activations import Activation
 
 SHAPES = {"7b": (4096, 11008), "13b": (5120, 13824)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,8 +143,8 @@ def bench_shape(shape: str, dtype_name: str, sparsity: float, n_sets: int, n_inp
     c0 = calls[0]
     gate, up, down = sets[c0["set"]]
     thr0 = thresholds[c0["set"]]
-    y_dense = apply_act(F.linear(c0["x"].float(), gate.float()), F.linear(c0["x"].float(), up.float()),
-                        ACT, thr0) @ down.float()
+    y_dense = Activation(ACT, thr0)(F.linear(c0["x"].float(), gate.float()),
+                                    F.linear(c0["x"].float(), up.float())) @ down.float()
     checks = {}
     y_exact = K.dense_gate_sparse_ffn(c0["x"], gate, up, down, ACT, thr0)
     checks["exact_fused_rel_err"] = ((y_exact.float() - y_dense).norm() / y_dense.norm()).item()
@@ -159,7 +159,8 @@ def bench_shape(shape: str, dtype_name: str, sparsity: float, n_sets: int, n_inp
         return [make(k, c, *sets[c["set"]], thresholds[c["set"]]) for k, c in enumerate(calls)]
 
     def dense(k, c, gate, up, down, thr):
-        return lambda: apply_act(F.linear(c["x"], gate), F.linear(c["x"], up), ACT, thr) @ down
+        act = Activation(ACT, thr)
+        return lambda: act(F.linear(c["x"], gate), F.linear(c["x"], up)) @ down
 
     def exact_fused(k, c, gate, up, down, thr):
         return lambda: K.dense_gate_sparse_ffn(c["x"], gate, up, down, ACT, thr)

@@ -88,7 +88,6 @@ python3 - "${FILES[@]}" <<'EOF'
 import json, sys, torch
 from convert.data import load_token_blocks
 from hybrid_runtime.loading import load_model, load_tokenizer
-from hybrid_runtime.model import active_mask
 from predictors.model import PredictorSet
 torch.set_num_threads(2)
 demo = "models/demo"
@@ -100,7 +99,7 @@ L, f = model.config.n_layers, model.config.ffn_dim
 counts = torch.zeros(L, 3, dtype=torch.int64)  # tp, n_pred, n_true
 def hook(i, ffn, args, out):
     x = ffn.norm(args[0])                                                     # (B, T, d)
-    true = active_mask(x @ ffn.gate.T, x @ ffn.up.T, ffn.act, ffn.threshold)  # (B, T, f)
+    true = ffn.activation.active(x @ ffn.gate.T, x @ ffn.up.T)                # (B, T, f)
     pred = pset.predict_active(i, x)
     counts[i] += torch.stack([(pred & true).sum(), pred.sum(), true.sum()])
 for i, layer in enumerate(model.layers):

@@ -377,70 +377,63 @@ class HFRunner:
                          out[0, len(prompt):].tolist())
 
 
-class LayerOffloadModel(torch.nn.Module):
-    """Dense engine split by layers: [0, n_gpu) on the GPU in the checkpoint dtype, [n_gpu, L) on
-    the CPU in `cpu_dtype` (llama.cpp's -ngl). One host round trip per token at the split."""
+class _StepOnCpu:
+    """The step's RoPE rows and mask copied to the CPU once per step, shared by the offloaded blocks."""
 
-    def __init__(self, model, n_gpu: int, gpu: torch.device, cpu_dtype: torch.dtype):
+    def __init__(self, cpu_dtype: torch.dtype):
+        self.cpu_dtype = cpu_dtype
+        self.mask = None          # the GPU mask these copies were made from (identity = this step)
+        self.tensors = None
+
+    def get(self, cos, sin, mask, input_pos):
+        if self.mask is not mask:
+            # deliberate host syncs, once per step: the CPU layers need the step's tables
+            self.mask = mask
+            self.tensors = (cos.cpu(), sin.cpu(), mask.to("cpu", self.cpu_dtype), input_pos.cpu())
+        return self.tensors
+
+
+class OffloadedBlock(torch.nn.Module):
+    """A decoder block kept on the CPU (in cpu_dtype) inside a model that runs on the GPU: llama.cpp's
+    -ngl split. `Transformer.forward` is unchanged; this block takes h from the GPU and gives it back
+    (one D2H and one H2D copy of h per CPU layer: ~d values, negligible next to a CPU layer's weights)."""
+
+    def __init__(self, block, step: _StepOnCpu):
         super().__init__()
-        self.model, self.n_gpu, self.gpu, self.cpu_dtype = model, n_gpu, gpu, cpu_dtype
-        self.tok_embeddings = model.tok_embeddings   # Generator / setup helpers look for it
+        self.block, self.step = block, step
 
-    def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
-        from hybrid_runtime.model import KVCache
-        m = self.model
-        m.setup_cache(max_batch, max_seq_len)                    # GPU tables; GPU layers' caches
-        cfg = m.config
-        for layer in m.layers[self.n_gpu:]:
-            layer.attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim, self.cpu_dtype, "cpu")
-        self.cpu_cos, self.cpu_sin = m.rope_cos.cpu(), m.rope_sin.cpu()
-        self.cpu_mask = m.causal_mask.cpu()
+    @property
+    def attn(self):               # setup_cache puts the KV cache where the attention weights are
+        return self.block.attn
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        mask = m.causal_mask[input_pos]
-        cos, sin = m.rope_cos[input_pos], m.rope_sin[input_pos]
-        h = m.tok_embeddings(tokens)                                      # (B, T, d) on the GPU
-        for layer in m.layers[:self.n_gpu]:
-            h = layer(h, cos, sin, mask, input_pos)
-        if self.n_gpu < len(m.layers):
-            pos = input_pos.cpu()                                         # the split's host round trip
-            hc = h.to("cpu", self.cpu_dtype)
-            cmask, ccos, csin = self.cpu_mask[pos], self.cpu_cos[pos], self.cpu_sin[pos]
-            for layer in m.layers[self.n_gpu:]:
-                hc = layer(hc, ccos, csin, cmask, pos)
-            h = hc.to(self.gpu, h.dtype)
-        return m.output(m.norm(h)).float()
+    @property
+    def ffn(self):
+        return self.block.ffn
+
+    def forward(self, h, cos, sin, mask, input_pos):
+        ccos, csin, cmask, cpos = self.step.get(cos, sin, mask, input_pos)
+        y = self.block(h.to("cpu", self.step.cpu_dtype), ccos, csin, cmask, cpos)
+        return y.to(h.device, h.dtype)
 
 
-def build_layer_offload(path: Path, n_gpu: int, gpu: torch.device, cpu_dtype: torch.dtype) -> LayerOffloadModel:
-    """Load an HF checkpoint (or hybrid directory) with layers [0, n_gpu) and the non-layer weights
-    on the GPU (checkpoint dtype), the other layers on the CPU converted to cpu_dtype."""
-    from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
-    from hybrid_runtime.loading import (checkpoint_dtype, checkpoint_files, iter_checkpoint_tensors, load_config,
-                                        native_name)
-    from hybrid_runtime.model import Transformer
-    cfg = load_config(path)
-    native = is_hybrid_dir(path)
-    files = [path / read_hybrid_meta(path).raw["weights"]] if native else checkpoint_files(path)
-    gpu_dtype = checkpoint_dtype(files)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    state = {}
-    for name, t, _ in iter_checkpoint_tensors(files):
-        mapped = (name, False) if native else native_name(name)
-        if mapped is None:
-            continue
-        native_n, transpose = mapped
-        if transpose:
-            t = t.t()
-        m = re.match(r"layers\.(\d+)\.", native_n)
+def build_layer_offload(path: Path, n_gpu: int, gpu: torch.device, cpu_dtype: torch.dtype):
+    """The dense engine with layers [0, n_gpu) and the non-layer weights on the GPU (checkpoint dtype),
+    the other layers on the CPU in cpu_dtype, each wrapped in an `OffloadedBlock`."""
+    from hybrid_runtime.loading import load_model
+    from hybrid_runtime.model_dir import open_model_dir
+    md = open_model_dir(path)
+    gpu_dtype = md.dtype
+
+    def place(name: str):
+        m = re.match(r"layers\.(\d+)\.", name)
         on_gpu = m is None or int(m.group(1)) < n_gpu
-        state[native_n] = t.to(device=gpu if on_gpu else "cpu", dtype=gpu_dtype if on_gpu else cpu_dtype).contiguous()
-    if cfg.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    return LayerOffloadModel(model.eval().requires_grad_(False), n_gpu, gpu, cpu_dtype)
+        return (gpu, gpu_dtype) if on_gpu else (torch.device("cpu"), cpu_dtype)
+
+    model = load_model(md, dtype=gpu_dtype, place=place)
+    step = _StepOnCpu(cpu_dtype)
+    for i in range(n_gpu, len(model.layers)):
+        model.layers[i] = OffloadedBlock(model.layers[i], step)
+    return model
 
 
 def offload_layers_for_budget(cfg, budget: int, context: int, wbytes: int = 2) -> int:
@@ -591,9 +584,9 @@ class PhaseProfiler:
             st = getattr(ffn, "staging", None)
             if st is not None and id(st) not in staged:
                 staged.add(id(st))
-                for name in ("to_host", "wait", "to_device"):
+                for name, phase in (("copy_to_host", "to_host"), ("wait", "wait"), ("from_host", "to_device")):
                     if hasattr(st, name):
-                        self._wrap(st, name, name, gpu=name != "wait")
+                        self._wrap(st, name, phase, gpu=name != "wait")
 
     def _event_pair(self):
         if self.pool:
@@ -1022,8 +1015,8 @@ def build_dense_offload(ctx: Ctx, budget: int | None = None):
     model = build_layer_offload(ctx.dense_dir, n_gpu, ctx.device, cpu_dtype)
     model.setup_cache(1, ctx.context)
     cfg = ctx.cfg
-    gpu_w = param_bytes(model.model, "cuda") - model.model.tok_embeddings.weight.numel() * 2
-    cpu_w = param_bytes(model.model, "cpu")
+    gpu_w = param_bytes(model, "cuda") - model.tok_embeddings.weight.numel() * 2
+    cpu_w = param_bytes(model, "cpu")
     ctx_avg = len(ctx.prompt) + ctx.opts.new_tokens / 2
     lim = sequential_limit(gpu_w + kv_read_bytes(cfg, ctx_avg, 2, n_gpu),
                            cpu_w + kv_read_bytes(cfg, ctx_avg, cpu_dtype.itemsize, cfg.n_layers - n_gpu),
@@ -2042,11 +2035,11 @@ def _resolve_dir(opts: BenchOptions, log: BenchLog):
     if not (path / "config.json").is_file():
         raise UserError(f"--model {opts.model}: not a model directory (no config.json) and not one of "
                         f"{', '.join(SYNTHETIC_PREFIX + s for s in SHAPES)}")
-    from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
     from hybrid_runtime.loading import load_tokenizer
+    from hybrid_runtime.model_dir import open_model_dir
     hybrid_dir, hf_dir, precision = None, path, None
-    if is_hybrid_dir(path):
-        meta = read_hybrid_meta(path)
+    meta = open_model_dir(path).hybrid
+    if meta is not None:
         hybrid_dir = path
         src = Path(meta.raw.get("source_model", ""))
         hf_dir = src if (src / "config.json").is_file() else None
@@ -2074,11 +2067,10 @@ def hybrid_min_budget_for(cfg, predictor_file_bytes: int, context: int) -> int:
 
 
 def hybrid_min_budget(hybrid_dir: Path, context: int) -> int:
-    from hybrid_runtime.hybrid_format import read_hybrid_meta
-    from hybrid_runtime.loading import load_config
-    meta = read_hybrid_meta(hybrid_dir)
-    return hybrid_min_budget_for(load_config(hybrid_dir), meta.predictors_file.stat().st_size
-                                 if meta.predictors_file else 0, context)
+    from hybrid_runtime.model_dir import open_model_dir
+    md = open_model_dir(hybrid_dir)
+    pred = md.hybrid.predictors_file
+    return hybrid_min_budget_for(md.config, pred.stat().st_size if pred else 0, context)
 
 
 def _check_budgets(opts: BenchOptions, systems: list[str], budget: int, cfg, min_budget: int | None) -> None:
@@ -2136,7 +2128,7 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budgets: list[float], budget: int,
          phases: dict, res: dict, stem: str, prewarm: threading.Thread, synthetic) -> dict:
-    from hybrid_runtime.loading import load_config
+    from hybrid_runtime.model_dir import open_model_dir
     out_dir = Path(opts.out)
     n_ctx = max(opts.new_tokens, opts.profile_tokens, opts.sweep_new_tokens) + 8
     rows_done: dict[str, dict] = {}      # systems run before the main loop (disk: llama.cpp before the pack)
@@ -2205,7 +2197,7 @@ def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budg
         if opts.clean_work:
             _clean_work(opts, log, keep=None)
         record, hf_dir, dense_dir, hybrid_dir, prompt, precision = _resolve_dir(opts, log)
-        cfg = load_config(dense_dir)
+        cfg = open_model_dir(dense_dir).config
         context = len(prompt) + n_ctx
         min_budget = hybrid_min_budget(hybrid_dir, context) if hybrid_dir is not None else 0
         _check_budgets(opts, systems, budget, cfg, min_budget if hybrid_dir is not None else None)

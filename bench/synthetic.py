@@ -360,7 +360,8 @@ def build_synthetic(cfg: SyntheticConfig, device: torch.device | str, dtype: tor
 
     dtype: the run dtype of the calibration forward (default fp16 on CUDA, fp32 on the CPU); the
     weights are bf16-representable in any case."""
-    from hybrid_runtime.model import ModelConfig, Transformer, active_mask
+    from hybrid_runtime.activations import Activation
+    from hybrid_runtime.model import ModelConfig, Transformer
 
     device = torch.device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -422,6 +423,7 @@ def build_synthetic(cfg: SyntheticConfig, device: torch.device | str, dtype: tor
     mask = model.causal_mask[pos]
     cos, sin = model.rope_cos[pos], model.rope_sin[pos]
     thr = cfg.act_threshold
+    activation = Activation(cfg.act, thr)
     h = model.tok_embeddings(tokens)                                   # (B, T, d)
     calib_density, calib_freqs = [], []
     it = range(L)
@@ -451,7 +453,7 @@ def build_synthetic(cfg: SyntheticConfig, device: torch.device | str, dtype: tor
         ffn.gate[:, 0] = _repr16(cut, dtype)
         xin = ffn.norm(h)
         g, u = F.linear(xin, ffn.gate), F.linear(xin, ffn.up)
-        fired = active_mask(g, u, cfg.act, thr).reshape(-1, f)
+        fired = activation.active(g, u).reshape(-1, f)
         freq = fired.float().mean(0)
         calib_freqs.append(freq.cpu().numpy())
         calib_density.append(float(freq.mean()))

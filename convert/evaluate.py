@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from convert.prosparse import RELU_FAMILY, ActivationRecorder, decoder_layers, model_activation
+from convert.prosparse import ActivationRecorder, decoder_layers, model_activation
+from hybrid_runtime.activations import Activation, cett_threshold
 
 SPARSITY_METHODS = ("auto", "exact", "cett", "both")
 
@@ -54,37 +55,7 @@ def heldout_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, pr
     return (total / count).item()
 
 
-# ----------------------------------------------------------------------------- CETT
-
-def cett(x1: torch.Tensor, down_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Mean over tokens of ||sum_{i: |x1_i|*||W_i|| <= eps} x1_i W_i|| / ||sum_i x1_i W_i||.
-
-    x1: (N, f) fp32; down_weight: (d, f) (HF down_proj.weight). Returns a 0-dim tensor.
-    """
-    w = down_weight.float()
-    mag = x1.abs() * w.norm(dim=0)                   # (N, f) output magnitude of each neuron
-    y = x1 @ w.T                                      # (N, d)
-    tail = torch.where(mag <= eps, x1, 0.0) @ w.T     # (N, d) what the inactive neurons would add
-    return (tail.norm(dim=1) / y.norm(dim=1).clamp_min(1e-30)).mean()
-
-
-def cett_threshold(x1: torch.Tensor, down_weight: torch.Tensor, bound: float,
-                   iters: int = 40) -> tuple[float, float, float]:
-    """Largest eps with cett(eps) <= bound, by bisection. Returns (eps, sparsity, cett(eps))."""
-    w = down_weight.float()
-    mag = x1.abs() * w.norm(dim=0)  # (N, f)
-    lo, hi = 0.0, mag.max().item()
-    if cett(x1, w, hi).item() <= bound:
-        lo = hi
-    else:
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            if cett(x1, w, mid).item() <= bound:
-                lo = mid
-            else:
-                hi = mid
-    return lo, (mag <= lo).float().mean().item(), cett(x1, w, lo).item()
-
+# ----------------------------------------------------------------------------- CETT (activations.cett_threshold)
 
 class _SampleRecorder:
     """Keeps every `stride`-th token's x1 row of each layer, up to `limit` rows, as fp32."""
@@ -131,7 +102,7 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, sparsi
     if sparsity not in SPARSITY_METHODS:
         raise ValueError(f"sparsity must be one of {SPARSITY_METHODS}")
     act, threshold = model_activation(model)
-    relu_family = act in RELU_FAMILY
+    relu_family = Activation(act, threshold).has_exact_zeros
     want_cett = sparsity in ("cett", "both") or (sparsity == "auto" and not relu_family)
     model.eval()
     n_tokens = blocks.numel()
@@ -150,7 +121,8 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, sparsi
     if want_cett:
         per_layer, eps, errs = [], [], []
         for i, layer in enumerate(decoder_layers(model)):
-            e, s, c = cett_threshold(sampler.samples(i), layer.mlp.down_proj.weight, cett_bound)
+            # down_proj.weight is (d, f); the table's CETT takes neuron-major rows (f, d)
+            e, s, c = cett_threshold(sampler.samples(i), layer.mlp.down_proj.weight.T, cett_bound)
             per_layer.append(s), eps.append(e), errs.append(c)
         result["cett"] = {"bound": cett_bound, "tokens_per_layer": sampler.n[0],
                           "mean": sum(per_layer) / len(per_layer), "per_layer": per_layer,

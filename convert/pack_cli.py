@@ -29,11 +29,12 @@ def read_profile(profile_dir: Path) -> tuple[dict, list[np.ndarray]]:
 
 def pack(model: str, profile_dir: str, predictors_dir: str | None, out_dir: str, force: bool) -> Path:
     from hybrid_runtime.hybrid_format import pack_hybrid_model
-    from hybrid_runtime.loading import load_config, resolve_model
+    from hybrid_runtime.loading import resolve_model
+    from hybrid_runtime.model_dir import open_model_dir
     from predictors.model import PredictorSet
 
     src = resolve_model(model)
-    cfg = load_config(src)
+    cfg = open_model_dir(src).config
     prof, freqs = read_profile(Path(profile_dir))
     if (len(freqs), len(freqs[0])) != (cfg.n_layers, cfg.ffn_dim):
         raise UserError(f"{profile_dir}: profile is {len(freqs)} layers x {len(freqs[0])} neurons but the model "

@@ -3,8 +3,8 @@
 Calibration text is tokenized and packed into blocks (`convert.data.load_token_blocks`) and run
 through the dense engine. A forward hook on every `model.layers[i].ffn` sees the residual stream h
 (the FFN's input); it computes x = ffn.norm(h), g = x gate^T, u = x up^T and the active mask:
-  - ReLU-family models (relu, fatrelu, relu2, drelu): `active_mask(g, u, act, threshold)`, i.e. the
-    activated gate is exactly non-zero;
+  - ReLU-family models (relu, fatrelu, relu2, drelu): the activation's `active(g, u)`
+    (hybrid_runtime/activations.py), i.e. the activation is exactly non-zero;
   - any model with `cett` set: by output magnitude as in the ReLU² paper: neuron i's magnitude is
     |a_i| * ||down_i||, active iff magnitude > eps_l, with eps_l per layer chosen by bisection on the
     first `cett_tokens` tokens so that the mean over tokens of CETT(eps) = ||sum_{mag <= eps} a_i down_i||
@@ -48,12 +48,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from hybrid_runtime.activations import cett_threshold, magnitude_active
 from hybrid_runtime.errors import UserError, log, prepare_output_dir
 from predictors.samples import SampleWriter
 
 FORMAT_NAME = "hybrid-profile"
 FORMAT_VERSION = 1
-EXACT_ZERO_ACTS = ("relu", "fatrelu", "relu2", "drelu")
 TOP_SHARES = (0.1, 0.2, 0.5)
 
 
@@ -75,29 +75,6 @@ class ProfileConfig:
     progress: bool = True
 
 
-
-
-# ----------------------------------------------------------------------------- activity definitions
-
-@torch.no_grad()
-def cett_threshold(a: torch.Tensor, down: torch.Tensor, target: float, iters: int = 40) -> float:
-    """Magnitude threshold eps with mean_t CETT_t(eps) ~= target. a: (n, f), down: (f, d)."""
-    a, down = a.float(), down.float()
-    mag = a.abs() * down.norm(dim=1)                     # (n, f)
-    y_norm = (a @ down).norm(dim=1).clamp_min(1e-30)     # (n,)
-    lo, hi = 0.0, float(mag.max())
-    for _ in range(iters):
-        eps = (lo + hi) / 2
-        tail = (a * (mag <= eps)) @ down                 # (n, d): what dropping the small neurons loses
-        if float((tail.norm(dim=1) / y_norm).mean()) < target:
-            lo = eps
-        else:
-            hi = eps
-    return lo
-
-
-def magnitude_mask(a: torch.Tensor, down_norm: torch.Tensor, eps: float) -> torch.Tensor:
-    return a.abs() * down_norm > eps
 
 
 def coverage_summary(counts: np.ndarray, n_tokens: int) -> dict:
@@ -164,8 +141,8 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
                 resume: bool = False, force: bool = False) -> dict:
     """Profile a model; returns the profile.json dict. See the module docstring for the outputs."""
     from convert.data import load_token_blocks
-    from hybrid_runtime.loading import load_config, load_model, load_tokenizer, parse_dtype, resolve_model
-    from hybrid_runtime.model import active_mask
+    from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, resolve_model
+    from hybrid_runtime.model_dir import open_model_dir
 
     if pcfg.tokens <= 0:
         raise UserError(f"--tokens must be positive, got {pcfg.tokens}")
@@ -180,8 +157,9 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
         if not f.is_file():
             raise UserError(f"{f}: data file not found")
     model_dir = resolve_model(model_path)
-    mcfg = load_config(model_dir)
-    if pcfg.cett is None and mcfg.act not in EXACT_ZERO_ACTS:
+    md = open_model_dir(model_dir)
+    mcfg = md.config
+    if pcfg.cett is None and not mcfg.activation.has_exact_zeros:
         raise UserError(f"{model_dir}: activation {mcfg.act!r} has no exact zeros; pass --cett 0.2 to define "
                         "active neurons by output magnitude (ReLU² paper's CETT), or convert it with ProSparse first")
     if pcfg.block_len > mcfg.max_seq_len:
@@ -206,7 +184,7 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
         prepare_output_dir(out, force)
 
     device = torch.device(pcfg.device)
-    model = load_model(model_dir, device=device, dtype=parse_dtype(pcfg.dtype))
+    model = load_model(md, device=device, dtype=parse_dtype(pcfg.dtype))
     tokenizer = load_tokenizer(model_dir)
     blocks = torch.as_tensor(load_token_blocks([str(f) for f in files], tokenizer, pcfg.block_len,
                                                pcfg.split, pcfg.tokens))
@@ -247,9 +225,9 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
         x = ffn.norm(h)
         g, u = F.linear(x, ffn.gate), F.linear(x, ffn.up)             # (B, T, f)
         if eps is None:
-            mask = active_mask(g, u, ffn.act, ffn.threshold)
+            mask = ffn.activation.active(g, u)
         else:
-            mask = magnitude_mask(ffn.act_fn(g.float(), u.float()), down_norms[i], eps[i])
+            mask = magnitude_active(ffn.activation(g.float(), u.float()), down_norms[i], eps[i])
         mask = mask.reshape(-1, f)                                    # (B*T, f)
         counts[i] += mask.sum(0)
         rows = batch_sel[0]
@@ -328,8 +306,8 @@ def _calibrate_cett(model, ffns, blocks: torch.Tensor, pcfg: ProfileConfig) -> l
 
     def hook(i, ffn, args, output):
         x = ffn.norm(args[0])
-        a = ffn.act_fn(F.linear(x, ffn.gate), F.linear(x, ffn.up)).reshape(-1, ffn.gate.shape[0])
-        eps[i] = cett_threshold(a, ffn.down, pcfg.cett)
+        a = ffn.activation(F.linear(x, ffn.gate), F.linear(x, ffn.up)).reshape(-1, ffn.gate.shape[0])
+        eps[i] = cett_threshold(a, ffn.down, pcfg.cett)[0]
 
     handles = [ffn.register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o)) for i, ffn in enumerate(ffns)]
     try:

@@ -32,18 +32,14 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from hybrid_runtime.activations import NAMES as ACTIVATIONS  # config.json `hidden_act` (+ `hidden_act_param`)
+from hybrid_runtime.activations import Activation
 from hybrid_runtime.errors import UserError
-from hybrid_runtime.hybrid_format import is_hybrid_dir
-
-# Activations the engine reads from config.json's `hidden_act` (+ `hidden_act_param` for fatrelu).
-ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu")
-RELU_FAMILY = ("relu", "fatrelu", "relu2", "drelu")  # exact zeros: sparsity is counted, not estimated
+from hybrid_runtime.model_dir import open_model_dir, read_config
 
 # transformers classes by config.json `model_type`: the LLaMA family this runtime serves.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -53,31 +49,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 def fatrelu(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """FATReLU: x where x >= threshold, else 0 (threshold > 0; threshold = 0 is ReLU)."""
-    return torch.where(x >= threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def relu2(x: torch.Tensor) -> torch.Tensor:
-    """ReLU squared (ReLU^2 paper)."""
-    return F.relu(x).square()
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _act_fns(act: str, threshold: float) -> tuple[Callable, Callable]:
-    """(activation on gate(x), activation on up(x)) for an engine activation name."""
-    if act == "silu":
-        return F.silu, _identity
-    if act == "relu":
-        return F.relu, _identity
-    if act == "fatrelu":
-        return partial(fatrelu, threshold=threshold), _identity
-    if act == "relu2":
-        return relu2, _identity
-    if act == "drelu":
-        return F.relu, F.relu
-    raise UserError(f"activation '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+    return Activation("fatrelu", threshold).gate_fn(x)
 
 
 class SparseMLP(nn.Module):
@@ -93,7 +65,8 @@ class SparseMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act, self.threshold = act, float(threshold)
-        self.gate_act, self.up_act = _act_fns(act, self.threshold)
+        activation = Activation(act, self.threshold)     # the activation table (hybrid_runtime/activations.py)
+        self.gate_act, self.up_act = activation.gate_fn, activation.up_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d)
         x1 = self.gate_act(self.gate_proj(x)) * self.up_act(self.up_proj(x))  # (B, T, f)
@@ -342,12 +315,7 @@ def read_hf_config(path: str | Path) -> dict:
     """config.json of an HF model directory, checked to be a LLaMA-family model with a known activation."""
     p = Path(path)
     cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{p}: no config.json (expected a Hugging Face model directory)")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    raw = read_config(p)
     mt = raw.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{cfg_file}: model_type '{mt}' is not LLaMA-family "
@@ -380,8 +348,9 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config.hidden_act = "silu" if act == "silu" else "relu"  # a name transformers can build; swapped below
     source, extra = path, {}
-    if is_hybrid_dir(Path(path)):  # native tensor names: translate them back (see _hybrid_state_as_hf)
-        source, extra = None, {"state_dict": _hybrid_state_as_hf(Path(path), cls, config)}
+    md = open_model_dir(path)
+    if md.is_hybrid:  # native tensor names: translate them back (see _hybrid_state_as_hf)
+        source, extra = None, {"state_dict": _hybrid_state_as_hf(md, cls, config)}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -400,7 +369,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     return model.to(device)
 
 
-def _hybrid_state_as_hf(path: Path, cls, config) -> dict[str, torch.Tensor]:
+def _hybrid_state_as_hf(md, cls, config) -> dict[str, torch.Tensor]:
     """A hybrid model directory's weights under the HF names (down transposed back to (d, f)).
 
     Its FFN neurons are permuted by activation frequency; gate, up and down rows move together,
@@ -408,12 +377,8 @@ def _hybrid_state_as_hf(path: Path, cls, config) -> dict[str, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
-    from hybrid_runtime.hybrid_format import read_hybrid_meta
     from hybrid_runtime.loading import native_name
-    weights = path / read_hybrid_meta(path).raw["weights"]
-    if not weights.is_file():
-        raise UserError(f"{weights}: missing (listed in hybrid.json)")
-    native = load_file(str(weights))
+    native = load_file(str(md.hybrid.weights_file))
     with torch.device("meta"):
         names = list(cls(config).state_dict())
     state = {}

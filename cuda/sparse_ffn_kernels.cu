@@ -1,6 +1,6 @@
 // Sparse FFN kernels for activation-sparse (ReLU-family) LLaMA FFNs, neuron-major weights.
 //
-// Layout (see shared/DESIGN.md): gate, up, down are all (f, d) row-major, one row per neuron,
+// Layout (see ARCHITECTURE.md): gate, up, down are all (f, d) row-major, one row per neuron,
 // so every kernel streams whole contiguous rows (coalesced, 16-byte loads).
 //
 // Every kernel is free of host synchronisation so a decode step can be captured in a CUDA graph:

@@ -53,26 +53,17 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.extending import intrinsic
 
+from hybrid_runtime.activations import ACT_DRELU, ACT_FATRELU, ACT_RELU2, Activation
 from hybrid_runtime.errors import UserError
 
 # storage formats (the `fmt` argument of the kernels)
 FMT_BF16, FMT_FP16, FMT_INT8 = 0, 1, 2
 FORMATS = {"bf16": FMT_BF16, "fp16": FMT_FP16, "int8": FMT_INT8}
 
-# activation kinds (the `act` argument of the kernels); silu has no exact zeros: not sparse
-ACT_RELU, ACT_FATRELU, ACT_RELU2, ACT_DRELU = 0, 1, 2, 3
-ACTS = {"relu": ACT_RELU, "fatrelu": ACT_FATRELU, "relu2": ACT_RELU2, "drelu": ACT_DRELU}
+# activation kinds (the `act` argument of the kernels): Activation.kernel_code (activations.py)
 
 _INT8_QMAX = 127.0
 _QUANT_CHUNK_ROWS = 1024  # rows converted at a time: bounds the transient fp32 memory
-
-
-def act_code(act: str) -> int:
-    """Kernel code of an activation name; UserError for activations without exact zeros."""
-    if act not in ACTS:
-        raise UserError(f"activation {act!r} cannot run on the sparse CPU path "
-                        f"(supported: {', '.join(ACTS)}; silu has no exact zeros)")
-    return ACTS[act]
 
 
 # ----------------------------------------------------------------------------- bit conversions
@@ -702,25 +693,12 @@ class ColdRows:
 
 # ----------------------------------------------------------------------------- references
 
-def act_ref(g: np.ndarray, u: np.ndarray, act: str, threshold: float = 0.0) -> np.ndarray:
-    """a = act(g) * u in numpy (dReLU: relu(g) * relu(u))."""
-    if act == "relu":
-        return np.maximum(g, 0) * u
-    if act == "fatrelu":
-        return np.where(g >= threshold, g, 0) * u
-    if act == "relu2":
-        return np.maximum(g, 0) ** 2 * u
-    if act == "drelu":
-        return np.maximum(g, 0) * np.maximum(u, 0)
-    raise UserError(f"activation {act!r} not supported on the sparse CPU path")
-
-
 def cold_ffn_batch_ref(cold: ColdRows, x: np.ndarray, active: np.ndarray, act: str,
                        threshold: float = 0.0) -> np.ndarray:
     """Dense numpy reference over the active rows: x (T, d) -> y (T, d) fp32 (fp64 math)."""
     gate, up, down = (w.astype(np.float64) for w in cold.dequantize(np.asarray(active, np.int64)))
     x = np.asarray(x, np.float64)
-    a = act_ref(x @ gate.T, x @ up.T, act, threshold)                 # (T, n_active)
+    a = Activation(act, threshold).numpy(x @ gate.T, x @ up.T)        # (T, n_active)
     return (a @ down).astype(np.float32)
 
 
@@ -757,14 +735,13 @@ class ColdFFN:
     """
 
     def __init__(self, cold: ColdRows, act: str, threshold: float = 0.0):
-        if threshold < 0:
-            raise UserError(f"activation threshold must be >= 0, got {threshold}")
+        activation = Activation(act, threshold)
         self.cold = cold
         self.act = act
         self.threshold = float(threshold)
         self._args = (cold.gate, cold.up, cold.down, cold.gate_scale, cold.up_scale, cold.down_scale,
                       cold.fmt_code)
-        self._act = act_code(act)
+        self._act = activation.kernel_code
         self._threshold = np.float32(threshold)
         self._partial = np.empty((numba.get_num_threads(), cold.dim), np.float32)
 

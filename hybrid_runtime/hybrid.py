@@ -1,17 +1,20 @@
 """The hybrid FFN: hot neurons on the GPU (torch, or the CUDA kernels), cold neurons on the CPU (Numba).
 
-One decode step of a layer (DESIGN.md):
-    GPU: x = ffn_norm(h); selection = predictor(x) > threshold (predictor mode)
-         copy x and the cold part of the selection to pinned host memory   (one D2H copy)
-    GPU: y_hot = FFN over the selected hot rows            ┐ at the same time
-    CPU: y_cold = Numba FFN over the selected cold rows    ┘
-         copy y_cold to the GPU; y = y_hot + y_cold          (one H2D copy)
-The CPU half runs on the calling thread: the GPU half is already queued when the host waits
-for x, so the GPU computes while the (GIL-free) Numba kernel runs; no extra thread is needed.
+One decode step of a layer (ARCHITECTURE.md, "One token"):
+    GPU: x = ffn_norm(h); selection = predictor(x) > threshold (predictor mode)   `prepare`
+         copy x and the cold part of the selection to pinned host memory (one D2H copy)
+    GPU: y_hot = FFN over the selected hot rows            ┐ at the same time      `hot_ffn`
+    CPU: y_cold = Numba FFN over the selected cold rows    ┘                      `cold_ffn`
+         copy y_cold to the GPU; y = y_hot + y_cold          (one H2D copy)         `merge`
+`forward` runs the four in that order; the CUDA-graph step (hybrid_graph.py) replays the GPU ones
+as graphs around the same host call. The CPU half runs on the calling thread: the GPU half is
+already queued when the host waits for x, so the GPU computes while the (GIL-free) Numba kernel
+runs; no extra thread is needed.
 
 Two selection rules, two classes:
 - `HybridFFN` (--exact): true activations; the hot block is computed densely (zeros are exact)
   and the CPU kernel evaluates every cold gate, reading up/down rows only where the gate fires.
+  For the exact-zero activations (activations.py) this equals the dense FFN.
 - `PredictedHybridFFN` (--predictor, default): the predictor's mask decides which neurons are
   computed at all (PowerInfer's approximation).
 """
@@ -23,25 +26,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_runtime import kernels
+from hybrid_runtime.activations import Activation
 from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows
-from hybrid_runtime.model import RMSNorm, gate_activation
+from hybrid_runtime.model import RMSNorm
 
 
 class CpuStaging:
     """Host side is the same memory: no copies (the `--device cpu` runtime and the tests)."""
 
-    def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
+    def __init__(self):
+        self.y = np.empty((0, 0), np.float32)   # the cold half's output, grown to the largest step
+
+    def copy_to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
         sel = None if cold_selected is None else cold_selected.numpy()
         return x.float().contiguous().numpy(), sel
+
+    def mark_ready(self) -> None:
+        pass
 
     def wait(self) -> None:
         pass
 
     def host_out(self, n: int, dim: int) -> np.ndarray:
-        return np.empty((n, dim), np.float32)
+        if self.y.shape[0] < n or self.y.shape[1] != dim:
+            self.y = np.empty((n, dim), np.float32)
+        return self.y[:n]
 
-    def to_device(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(y).to(like.dtype)
+    def from_host(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.y[:n]).to(like.dtype)
 
 
 class CudaStaging:
@@ -69,10 +81,8 @@ class CudaStaging:
             sel = self.sel[:m].numpy()
         return self.x[:n].numpy(), sel
 
-    def to_host(self, x: torch.Tensor, cold_selected: torch.Tensor | None):
-        views = self.copy_to_host(x, cold_selected)
-        self.ready.record()
-        return views
+    def mark_ready(self) -> None:
+        self.ready.record()       # behind the D2H copies queued by copy_to_host
 
     def wait(self) -> None:
         self.ready.synchronize()  # deliberate sync: the CPU half needs x (the one per-layer round trip)
@@ -80,9 +90,9 @@ class CudaStaging:
     def host_out(self, n: int, dim: int) -> np.ndarray:
         return self.y_np[:n]
 
-    def to_device(self, y: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        # y is a view of the pinned buffer (host_out): an asynchronous copy
-        return self.y[:y.shape[0]].to(self.device, non_blocking=True).to(like.dtype)
+    def from_host(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        # the pinned buffer that host_out handed to the cold half: an asynchronous copy (capturable)
+        return self.y[:n].to(self.device, non_blocking=True).to(like.dtype)
 
 
 class HybridFFN(nn.Module):
@@ -93,16 +103,16 @@ class HybridFFN(nn.Module):
     """
 
     def __init__(self, norm: RMSNorm, hot_gate: torch.Tensor, hot_up: torch.Tensor, hot_down: torch.Tensor,
-                 cold: ColdRows | None, act: str, threshold: float, staging, use_kernels: bool = False):
+                 cold: ColdRows | None, activation: Activation, staging, use_kernels: bool = False):
         super().__init__()
-        self.act, self.threshold = act, threshold
+        self.activation = activation
         self.hot_ffn = self.hot_ffn_kernels if use_kernels and hot_gate.shape[0] else self.hot_ffn_torch
         self.norm = norm
         self.hot_gate = nn.Parameter(hot_gate, requires_grad=False)   # (k, d)
         self.hot_up = nn.Parameter(hot_up, requires_grad=False)       # (k, d)
         self.hot_down = nn.Parameter(hot_down, requires_grad=False)   # (k, d)
-        self.act_fn = gate_activation(act, threshold)
-        self.cold = ColdFFN(cold, act, threshold) if cold is not None and cold.n_rows else None
+        self.cold = ColdFFN(cold, activation.name, activation.threshold) \
+            if cold is not None and cold.n_rows else None
         self.n_cold = cold.n_rows if self.cold is not None else 0
         self.all_cold = np.arange(self.n_cold, dtype=np.int32)
         self.staging = staging
@@ -111,34 +121,48 @@ class HybridFFN(nn.Module):
         """(hot predictor logits (N, k) or None, cold selection (n_cold,) bool or None); None: exact."""
         return None, None
 
+    def prepare(self, h: torch.Tensor):
+        """h (N, d) -> (x = ffn_norm(h) (N, d), hot logits, host views of x and the cold selection
+        (None without cold rows)); the D2H copies are queued, not waited for."""
+        x = self.norm(h)                                                       # (N, d)
+        hot_logits, cold_sel = self.select(h, x)
+        views = self.staging.copy_to_host(x, cold_sel) if self.cold is not None else None
+        return x, hot_logits, views
+
     def hot_ffn_torch(self, x: torch.Tensor, hot_logits: None) -> torch.Tensor:
-        a = self.act_fn(F.linear(x, self.hot_gate), F.linear(x, self.hot_up))  # (N, k)
-        return a @ self.hot_down                                               # (N, d)
+        a = self.activation(F.linear(x, self.hot_gate), F.linear(x, self.hot_up))  # (N, k)
+        return a @ self.hot_down                                                   # (N, d)
 
     def hot_ffn_kernels(self, x: torch.Tensor, hot_logits: None) -> torch.Tensor:
         # dense gate, up and down rows only where the gate fires: exact
-        return kernels.dense_gate_sparse_ffn(x, self.hot_gate, self.hot_up, self.hot_down, self.act, self.threshold)
+        return kernels.dense_gate_sparse_ffn(x, self.hot_gate, self.hot_up, self.hot_down,
+                                             self.activation.name, self.activation.threshold)
 
-    def cold_ffn(self, x_host: np.ndarray, cold_sel: np.ndarray | None) -> np.ndarray:
+    def cold_ffn(self, x_host: np.ndarray, cold_sel: np.ndarray | None) -> None:
+        """The CPU half, into the staging's host output buffer (what `merge` adds)."""
         active = self.all_cold if cold_sel is None else np.flatnonzero(cold_sel).astype(np.int32)
         y = self.staging.host_out(*x_host.shape)
         if x_host.shape[0] == 1:
             self.cold.decode(x_host[0], active, y[0])
         else:
             self.cold.batch(x_host, active, y)
-        return y
+
+    def merge(self, y_hot: torch.Tensor) -> torch.Tensor:
+        """y_hot (N, d) + the cold half's output (copied from the host)."""
+        if self.cold is None:
+            return y_hot
+        return y_hot + self.staging.from_host(y_hot.shape[0], y_hot)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, d = h.shape
-        x = self.norm(h).view(B * T, d)                                        # (N, d)
-        hot_logits, cold_sel = self.select(h.view(B * T, d), x)
-        if self.cold is None:
-            return self.hot_ffn(x, hot_logits).view(B, T, d)
-        x_host, sel_host = self.staging.to_host(x, cold_sel)    # queued: D2H copy of x (+ selection)
+        x, hot_logits, views = self.prepare(h.view(B * T, d))
+        if views is not None:
+            self.staging.mark_ready()
         y = self.hot_ffn(x, hot_logits)                         # queued: GPU hot half
-        self.staging.wait()
-        y_cold = self.cold_ffn(x_host, sel_host)                # CPU half, while the GPU works
-        return (y + self.staging.to_device(y_cold, y)).view(B, T, d)
+        if views is not None:
+            self.staging.wait()
+            self.cold_ffn(*views)                               # CPU half, while the GPU works
+        return self.merge(y).view(B, T, d)
 
 
 class PredictedHybridFFN(HybridFFN):
@@ -157,45 +181,54 @@ class PredictedHybridFFN(HybridFFN):
 
     def hot_ffn_torch(self, x: torch.Tensor, hot_logits: torch.Tensor) -> torch.Tensor:
         keep = (hot_logits > self.predictor.threshold).to(x.dtype)          # (N, k)
-        a = self.act_fn(F.linear(x, self.hot_gate), F.linear(x, self.hot_up)) * keep
+        a = self.activation(F.linear(x, self.hot_gate), F.linear(x, self.hot_up)) * keep
         return a @ self.hot_down
 
     def hot_ffn_kernels(self, x: torch.Tensor, hot_logits: torch.Tensor) -> torch.Tensor:
         idx, count = kernels.active_indices(hot_logits, self.predictor.threshold)  # on the GPU, no sync
-        return kernels.sparse_ffn(x, self.hot_gate, self.hot_up, self.hot_down, idx, count, self.act,
-                                  self.threshold)
+        return kernels.sparse_ffn(x, self.hot_gate, self.hot_up, self.hot_down, idx, count,
+                                  self.activation.name, self.activation.threshold)
 
 
 def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype: torch.dtype | None = None,
                        mode: str = "predictor", cold_format: str | None = None, max_tokens: int = 512):
-    """Load a hybrid model directory with layer l's rows [0, hot_counts[l]) on `device` and the rest
-    in CPU memory as `cold_format` rows (bf16/fp16 bit patterns, or int8 with per-row scales).
+    """Load a hybrid model directory with layer l's rows [0, hot_counts[l]) on `device` in `dtype`
+    (default: the checkpoint's, on the GPU too) and the rest in CPU memory as `cold_format` rows
+    (bf16/fp16 bit patterns, or int8 with per-row scales). The cold rows are cut from the weights
+    in `dtype`: with the defaults (the checkpoint's dtype, or float32 on the CPU) a float16
+    checkpoint's cold fp16 rows are its own bits.
 
     mode "predictor" uses the stored predictors; "exact" computes true activations.
     """
     from hybrid_runtime.errors import UserError
-    from hybrid_runtime.hybrid_format import read_hybrid_meta
     from hybrid_runtime.loading import load_model
+    from hybrid_runtime.model_dir import open_model_dir
 
-    meta = read_hybrid_meta(path)
+    md = open_model_dir(path)
+    if md.hybrid is None:
+        raise UserError(f"{md.path}: not a hybrid model directory (no hybrid.json)")
     if mode not in ("predictor", "exact"):
         raise UserError(f"unknown hybrid mode {mode!r} (predictor or exact)")
-    if mode == "predictor" and meta.predictors_file is None:
-        raise UserError(f"{path}: has no predictors (hybrid.json 'predictors' is null); run with --exact "
+    predictors_file = md.hybrid.predictors_file
+    if mode == "predictor" and predictors_file is None:
+        raise UserError(f"{md.path}: has no predictors (hybrid.json 'predictors' is null); run with --exact "
                         "or re-pack with predictors")
-    model = load_model(path, device="cpu", dtype=dtype)      # memory-mapped where possible
-    cfg = model.config
+    cfg = md.config
+    if not cfg.activation.has_exact_zeros:
+        raise UserError(f"{md.path}: activation {cfg.act!r} has no exact zeros; the hybrid runtime needs a "
+                        "ReLU-family model (relu, fatrelu, relu2, drelu)")
     if len(hot_counts) != cfg.n_layers or any(not 0 <= k <= cfg.ffn_dim for k in hot_counts):
         raise UserError(f"hot neuron counts must be {cfg.n_layers} values in [0, {cfg.ffn_dim}]")
+    run_dtype = dtype or md.dtype
+    # memory-mapped where possible; in host memory first, the device parts move below
+    model = load_model(md, device="cpu", dtype=run_dtype)
     predictors = None
     if mode == "predictor":
         from predictors.model import PredictorSet
-        predictors = PredictorSet.load(meta.predictors_file, device=device,
-                                       dtype=model.tok_embeddings.weight.dtype)
+        predictors = PredictorSet.load(predictors_file, device=device, dtype=run_dtype)
         if len(predictors) != cfg.n_layers:
-            raise UserError(f"{meta.predictors_file}: {len(predictors)} layers, the model has {cfg.n_layers}")
+            raise UserError(f"{predictors_file}: {len(predictors)} layers, the model has {cfg.n_layers}")
     max_cold = max(cfg.ffn_dim - k for k in hot_counts)
-    run_dtype = model.tok_embeddings.weight.dtype
     use_kernels = (device.type == "cuda" and run_dtype in (torch.float16, torch.bfloat16)
                    and kernels.cuda_kernels_ready())
     staging = (CudaStaging(max_tokens, cfg.dim, max_cold, device) if device.type == "cuda"
@@ -205,7 +238,7 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
         hot = [t[:k].to(device) for t in (ffn.gate.data, ffn.up.data, ffn.down.data)]
         cold = ColdRows.from_torch(ffn.gate.data[k:], ffn.up.data[k:], ffn.down.data[k:], fmt=cold_format) \
             if k < cfg.ffn_dim else None
-        args = (ffn.norm.to(device), *hot, cold, cfg.act, cfg.act_threshold, staging)
+        args = (ffn.norm.to(device), *hot, cold, cfg.activation, staging)
         if predictors is None:
             layer.ffn = HybridFFN(*args, use_kernels=use_kernels)
         else:

@@ -1,21 +1,13 @@
-"""The hybrid model directory: versioned, self-describing, neurons sorted most-frequent-first.
+"""Writing a hybrid model directory: versioned, self-describing, neurons sorted most-frequent-first.
 
-    hybrid.json               format name + version, source, activation, per-layer statistics
-    config.json, tokenizer*   copied from the source checkpoint
-    model.safetensors         native tensor names (see loading.HF_TO_NATIVE), FFN rows permuted
-                              per layer by activation frequency (descending); gate/up/down (f, d)
-    neuron_stats.safetensors  layers.{i}.frequency (f,) fp32 sorted descending,
-                              layers.{i}.source_index (f,) int64: original neuron of each row
-    predictors.safetensors    predictors/model.py format, outputs in the permuted order
-
-Any GPU budget is then a per-layer prefix: hot = rows [0, k_l), cold = rows [k_l, f).
-The format name and version are also in model.safetensors' header metadata.
+The layout is documented in model_dir.py, which reads it. Any GPU budget is then a per-layer
+prefix: hot = rows [0, k_l), cold = rows [k_l, f). The format name and version are also in
+model.safetensors' header metadata.
 """
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,62 +15,11 @@ import torch
 
 from hybrid_runtime import __version__
 from hybrid_runtime.errors import UserError
-
-FORMAT_NAME = "hybrid-runtime-model"
-FORMAT_VERSION = 1
+from hybrid_runtime.loading import load_model
+from hybrid_runtime.model_dir import FORMAT_NAME, FORMAT_VERSION, open_model_dir
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
-
-
-@dataclass
-class HybridMeta:
-    path: Path
-    raw: dict
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.raw["n_layers"])
-
-    @property
-    def predictors_file(self) -> Path | None:
-        name = self.raw.get("predictors")
-        return self.path / name if name else None
-
-    def frequencies(self) -> list[np.ndarray]:
-        """Per layer (f,) activation frequencies, sorted descending (the stored neuron order)."""
-        from safetensors.numpy import load_file
-        stats = self.path / self.raw["neuron_stats"]
-        if not stats.is_file():
-            raise UserError(f"{stats}: missing (listed in hybrid.json)")
-        data = load_file(str(stats))
-        return [data[f"layers.{i}.frequency"] for i in range(self.n_layers)]
-
-
-def is_hybrid_dir(path: Path) -> bool:
-    return (Path(path) / "hybrid.json").is_file()
-
-
-def read_hybrid_meta(path: Path) -> HybridMeta:
-    meta_path = Path(path) / "hybrid.json"
-    try:
-        raw = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: unreadable ({e})") from None
-    if raw.get("format") != FORMAT_NAME:
-        raise UserError(f"{meta_path}: not a hybrid model directory (format {raw.get('format')!r})")
-    version = raw.get("version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{meta_path}: format version {version!r} is not supported by this runtime "
-                        f"(it reads version {FORMAT_VERSION}); re-run `hybrid-convert pack`")
-    for key in ("n_layers", "weights", "neuron_stats"):
-        if key not in raw:
-            raise UserError(f"{meta_path}: field {key!r} missing")
-    meta = HybridMeta(Path(path), raw)
-    if meta.predictors_file is not None and not meta.predictors_file.is_file():
-        raise UserError(f"{meta.predictors_file}: missing (listed in hybrid.json); re-run "
-                        "`hybrid-convert pack` with --predictors, or run with --exact")
-    return meta
 
 
 def frequency_order(freq: np.ndarray) -> np.ndarray:
@@ -93,17 +34,13 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
     (original neuron order) and optionally a `predictors.model.PredictorSet` (original order)."""
     from safetensors.torch import save_file
 
-    from hybrid_runtime.loading import checkpoint_dtype, checkpoint_files, load_model, read_config
-
     source_dir, out_dir = Path(source_dir), Path(out_dir)
-    hf_cfg = read_config(source_dir)
-    # Keep the checkpoint's own dtype, bit for bit. load_model runs float16 as bfloat16 on the CPU
-    # (a lossy cast), so float16 goes through float32 (exact) and is cast back below.
-    src_dtype = checkpoint_dtype(checkpoint_files(source_dir))
-    model = load_model(source_dir, device="cpu",
-                       dtype=torch.float32 if src_dtype == torch.float16 else src_dtype)
+    src = open_model_dir(source_dir)
+    hf_cfg = src.hf_config
+    src_dtype = src.dtype
+    model = load_model(src, device="cpu", dtype=src_dtype)   # the checkpoint's own dtype, bit for bit
     cfg = model.config
-    if cfg.act == "silu":
+    if not cfg.activation.has_exact_zeros:
         raise UserError(f"{source_dir}: the model uses SiLU (no exact zeros); convert it with "
                         "`hybrid-convert prosparse` first")
     if len(frequencies) != cfg.n_layers:

@@ -2,12 +2,15 @@
 
 A layer with cold rows cannot be one graph: the CPU must compute its cold neurons between the
 GPU's two halves. So each layer is three graphs, with the CPU work between the second and the
-third (DESIGN.md, "One decode step"):
+third (ARCHITECTURE.md, "One token"). The graphs capture the model's own methods — the same
+calls, in the same order, as `Transformer.forward` with `HybridFFN.forward`; nothing is re-written:
 
-    pre   attention -> h_mid; x = ffn_norm(h_mid); predictor; D2H copy of x (+ selection)
-    hot   hot FFN over the selected hot rows                    (GPU)  ┐ overlapped
-          -- host waits for x, runs the Numba cold FFN --       (CPU)  ┘
-    post  H2D copy of y_cold; h = h_mid + (y_hot + y_cold) * residual scale
+    first  model.embed
+    pre    block.attend -> h_mid; ffn.prepare(h_mid): ffn_norm, predictor, D2H copy of x (+ selection)
+    hot    ffn.hot_ffn over the selected hot rows                (GPU)  ┐ overlapped
+           -- host waits for x, runs ffn.cold_ffn (Numba) --      (CPU)  ┘
+    post   block.add_branch(h_mid, ffn.merge(y_hot)): H2D copy of y_cold, residual
+    last   model.head
 
 Replaying a graph costs one launch instead of dozens, which removes most of the per-layer
 Python and launch overhead of the eager step (measured: ~1.8 ms per layer on the H100 machine).
@@ -19,14 +22,12 @@ benchmark's --profile-time, `StepProfile`); `__call__` stays free of any instrum
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
 
 from hybrid_runtime.hybrid import CudaStaging, HybridFFN
-from hybrid_runtime.model import active_mask
 
 # StepProfile's columns (the benchmark's summary reads them by these names)
 HOST_PHASES = ("launch", "wait", "cold_ffn", "loop", "profiling")   # per layer, host seconds
@@ -53,52 +54,30 @@ class HybridGraphedDecodeStep:
             for _ in range(2):  # eager warm-up: cuBLAS handles, lazy kernel loading, Numba compilation
                 model(self.token, self.pos)
         torch.cuda.synchronize(device)
-        pool = torch.cuda.graph_pool_handle()
-        d, rs = cfg.dim, cfg.residual_scale
-
-        def capture(fn):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                out = fn()
-            return graph, out
-
-        def first():   # as Transformer.forward: an additive mask, made once per step
-            cos, sin = model.rope_cos[self.pos], model.rope_sin[self.pos]
-            h = model.tok_embeddings(self.token)                   # (1, 1, d)
-            mask = torch.where(model.causal_mask[self.pos], 0.0, -math.inf).to(h.dtype)   # (1, S)
-            if cfg.scale_emb != 1.0:
-                h = h * cfg.scale_emb
-            return h, mask, cos, sin
-
-        self.g_first, (h, mask, cos, sin) = capture(first)
+        self._pool = torch.cuda.graph_pool_handle()
+        d = cfg.dim
+        capture = self._capture
+        self.g_first, (h, cos, sin, mask) = capture(lambda: model.embed(self.token, self.pos))
         self.segments = []
         for layer, ffn in zip(layers, ffns):
             def pre(h=h, layer=layer, ffn=ffn):
-                h_mid = torch.add(h, layer.attn(layer.attn_norm(h), cos, sin, mask, self.pos), alpha=rs)
-                x = ffn.norm(h_mid).view(1, d)
-                hot_logits, cold_sel = ffn.select(h_mid.view(1, d), x)
-                views = self.staging.copy_to_host(x, cold_sel) if ffn.cold is not None else None
-                return h_mid, x, hot_logits, views
+                h_mid = layer.attend(h, cos, sin, mask, self.pos)         # (1, 1, d)
+                return (h_mid, *ffn.prepare(h_mid.view(1, d)))
 
             g_pre, (h_mid, x, hot_logits, views) = capture(pre)
             g_hot, y_hot = capture(lambda ffn=ffn, x=x, hot_logits=hot_logits: ffn.hot_ffn(x, hot_logits))
-            if ffn.cold is not None:
-                def post(h_mid=h_mid, y_hot=y_hot):
-                    y_cold = self.staging.y[:1].to(device, non_blocking=True).to(y_hot.dtype)
-                    return torch.add(h_mid, (y_hot + y_cold).view(1, 1, d), alpha=rs)
-            else:
-                def post(h_mid=h_mid, y_hot=y_hot):
-                    return torch.add(h_mid, y_hot.view(1, 1, d), alpha=rs)
-            g_post, h = capture(post)
+            g_post, h = capture(lambda layer=layer, ffn=ffn, h_mid=h_mid, y_hot=y_hot:
+                                layer.add_branch(h_mid, ffn.merge(y_hot).view(1, 1, d)))
             self.segments.append((g_pre, g_hot, g_post, ffn if ffn.cold is not None else None, views))
 
-        def last(h=h):
-            out = model.norm(h)
-            if cfg.logit_scale != 1.0:
-                out = out * cfg.logit_scale
-            return model.output(out).float()
+        self.g_last, self.logits = capture(lambda h=h: model.head(h))
 
-        self.g_last, self.logits = capture(last)
+    def _capture(self, fn):
+        """fn's GPU work as a graph in the shared pool -> (graph, fn's outputs: the graph's static outputs)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            out = fn()
+        return graph, out
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self.token.copy_(tokens)
@@ -111,7 +90,7 @@ class HybridGraphedDecodeStep:
                 g_hot.replay()
                 g_post.replay()
                 continue
-            staging.ready.record()   # behind the D2H copies of this layer's x and selection
+            staging.mark_ready()     # behind the D2H copies of this layer's x and selection
             g_hot.replay()           # the GPU computes the hot half while the CPU computes the cold half
             staging.wait()           # deliberate sync: the CPU half needs x
             cold_ffn.cold_ffn(*views)  # writes the pinned y buffer that g_post copies to the GPU
@@ -151,7 +130,7 @@ class HybridGraphedDecodeStep:
             t1 = pc()
             g_pre.replay()
             if cold_ffn is not None:
-                staging.ready.record()
+                staging.mark_ready()
             t2 = pc()
             eb.record()
             t3 = pc()
@@ -275,7 +254,8 @@ def cold_firing_counts(cold_ffns: list, x: np.ndarray, sel: list[np.ndarray]) ->
     token; sel[l] (T, n_cold_l) bool: its selection ((T, 0) for an exact-mode layer: every cold row).
     Returns (L, 3) int64 summed over tokens: selected neurons,
     gate-fired neurons (the kernel reads their up rows) and active neurons (it reads their down rows):
-    g = gate . x (and u = up . x for dReLU) in fp32 from the stored rows, `active_mask` as everywhere.
+    g = gate . x (and u = up . x for dReLU) in fp32 from the stored rows, the activation's `active`
+    and `gate_fires` (activations.py) as everywhere.
     """
     out = np.zeros((len(cold_ffns), 3), np.int64)
     T = x.shape[0]
@@ -290,9 +270,10 @@ def cold_firing_counts(cold_ffns: list, x: np.ndarray, sel: list[np.ndarray]) ->
         xt = torch.from_numpy(np.ascontiguousarray(x[:, l])).T                        # (d, T)
         gate_rows, up_rows, _ = cold.dequantize(rows)                                   # (U, d) fp32 each
         g = torch.from_numpy(gate_rows) @ xt                                            # (U, T)
-        u = torch.from_numpy(up_rows) @ xt if ffn.act == "drelu" else torch.ones_like(g)
+        act = ffn.activation
+        u = torch.from_numpy(up_rows) @ xt if act.name == "drelu" else torch.ones_like(g)
         chosen = torch.from_numpy(np.ascontiguousarray(m[:, rows].T))                 # (U, T)
-        gate_fired = active_mask(g, torch.ones_like(g), ffn.act, ffn.threshold) & chosen
-        active = active_mask(g, u, ffn.act, ffn.threshold) & chosen
+        gate_fired = act.gate_fires(g) & chosen
+        active = act.active(g, u) & chosen
         out[l] = (int(chosen.sum()), int(gate_fired.sum()), int(active.sum()))
     return out

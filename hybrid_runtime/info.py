@@ -5,8 +5,9 @@ import json
 
 import torch
 
-from hybrid_runtime.loading import checkpoint_dtype, checkpoint_files, read_config, resolve_model
+from hybrid_runtime.loading import cpu_run_dtype, resolve_model
 from hybrid_runtime.model import ModelConfig
+from hybrid_runtime.model_dir import open_model_dir
 
 
 def config_param_count(cfg: ModelConfig) -> int:
@@ -36,10 +37,9 @@ def kernel_info() -> dict:
 
 def model_info(name: str | None) -> dict:
     from hybrid_runtime.session import default_model_dir
-    path = resolve_model(name) if name else default_model_dir()
-    hf = read_config(path)
-    cfg = ModelConfig.from_hf(hf)
-    files = checkpoint_files(path) if not (path / "hybrid.json").is_file() else []
+    md = open_model_dir(resolve_model(name) if name else default_model_dir())
+    path, cfg = md.path, md.config
+    stored = str(md.dtype).replace("torch.", "")
     info: dict = {
         "path": str(path),
         "architecture": cfg.architecture,
@@ -47,12 +47,15 @@ def model_info(name: str | None) -> dict:
         "layers": cfg.n_layers, "hidden": cfg.dim, "ffn": cfg.ffn_dim,
         "heads": f"{cfg.n_heads} (kv {cfg.n_kv_heads}, head dim {cfg.head_dim})",
         "vocab": cfg.vocab_size, "max_context": cfg.max_seq_len,
-        "activation": cfg.act + (f" (threshold {cfg.act_threshold})" if cfg.act == "fatrelu" else ""),
+        "activation": cfg.activation.describe(),
         "tied_embeddings": cfg.tie_embeddings,
+        "dtype": stored,
+        "weight_files": len(md.weight_files),
+        # what `generate`/`chat` run in by default (--dtype overrides)
+        "run_dtype": {"cuda": stored, "cpu": str(cpu_run_dtype(md.dtype)).replace("torch.", "")} if not md.is_hybrid
+        else {"cuda": f"{stored} (attention, predictors, hot rows)", "cpu": "float32 (attention, predictors, hot rows)",
+              "cold_rows": "fp16" if stored == "float16" else "bf16"},
     }
-    if files:
-        info["dtype"] = str(checkpoint_dtype(files)).replace("torch.", "")
-        info["weight_files"] = len(files)
     for meta_name in ("hybrid.json", "prosparse_report.json"):
         meta = path / meta_name
         if meta.is_file():

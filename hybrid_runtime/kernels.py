@@ -1,9 +1,10 @@
 """GPU sparse FFN kernels (cuda/sparse_ffn*.{cpp,cu}) and their plain-torch references.
 
-The FFN of one layer, neuron-major (f neurons, hidden d; see shared/DESIGN.md):
+The FFN of one layer, neuron-major (f neurons, hidden d; see ARCHITECTURE.md):
     g = x @ gate.T,  u = x @ up.T,  a = act(g) * u,  y = a @ down        gate, up, down: (f, d)
 A neuron is active for a token when its activated gate value is non-zero; the kernels touch
-only the rows of active (or predicted-active) neurons.
+only the rows of active (or predicted-active) neurons. What act is, and what "active" means, is
+the activation table's (hybrid_runtime/activations.py); the references below call it.
 
 Two decode paths are built from these pieces:
     predictor:   idx, count = active_indices(logits, 0.0)                  # (f,), (1,) on the GPU
@@ -38,9 +39,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from hybrid_runtime.model import apply_act  # the one definition of act(g) * u
-
-ACTS = ("silu", "relu", "fatrelu", "relu2", "drelu")  # the kernels' act codes (sparse_ffn.cpp)
+from hybrid_runtime.activations import NAMES as ACTS  # the kernels' act names (sparse_ffn.cpp)
+from hybrid_runtime.activations import Activation
 
 # Keep in step with cuda/setup_ext.py (the prebuilt extension's flags).
 NVCC_FLAGS = ["-O3", "-lineinfo"]
@@ -247,7 +247,7 @@ def sparse_gate_up_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, id
     """a[:, idx[:count]] = act(x gate^T) * (x up^T), fp32 (B, f); other columns: out's, or 0."""
     g = F.linear(x.float(), gate.float())  # (B, f)
     u = F.linear(x.float(), up.float())  # (B, f)
-    return _write_selected(apply_act(g, u, act, threshold), selected_mask_ref(idx, count, gate.shape[0]), out)
+    return _write_selected(Activation(act, threshold)(g, u), selected_mask_ref(idx, count, gate.shape[0]), out)
 
 
 def sparse_up_given_gate_ref(x: torch.Tensor, g: torch.Tensor, up: torch.Tensor, idx: torch.Tensor,
@@ -255,14 +255,14 @@ def sparse_up_given_gate_ref(x: torch.Tensor, g: torch.Tensor, up: torch.Tensor,
                              out: torch.Tensor | None = None) -> torch.Tensor:
     """As sparse_gate_up_ref with the gate pre-activations g (B, f) given."""
     u = F.linear(x.float(), up.float())  # (B, f)
-    return _write_selected(apply_act(g.float(), u, act, threshold),
+    return _write_selected(Activation(act, threshold)(g.float(), u),
                            selected_mask_ref(idx, count, up.shape[0]), out)
 
 
 def dense_gate_sparse_up_ref(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
                              threshold: float = 0.0, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """a = act(x gate^T) * (x up^T) for all f neurons, fp32 (B, f)."""
-    a = apply_act(F.linear(x.float(), gate.float()), F.linear(x.float(), up.float()), act, threshold)
+    a = Activation(act, threshold)(F.linear(x.float(), gate.float()), F.linear(x.float(), up.float()))
     if out is None:
         return a
     return out.copy_(a)

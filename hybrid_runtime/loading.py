@@ -1,4 +1,6 @@
-"""Reading real checkpoints: model names, config.json, safetensors / .bin shards, tokenizers.
+"""Loading models: model names, HF -> native tensor names, the engine filled from a model
+directory (`model_dir.ModelDir`, the one reader of config.json, weight files and hybrid.json),
+run dtypes, tokenizers.
 
 HF -> native weight names live in one table (`HF_TO_NATIVE`). Native names are the on-disk
 names of hybrid model directories and of the engine's `state_dict()`. Two reshapings happen
@@ -8,17 +10,17 @@ here, at load time: `down_proj` is transposed to neuron-major, and each layer's 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from hybrid_runtime.errors import UserError
-from hybrid_runtime.model import ModelConfig, Transformer, fuse_qkv_
+from hybrid_runtime.model import Transformer, fuse_qkv_
+from hybrid_runtime.model_dir import ModelDir, open_model_dir
 
 # Aliases resolve to Hugging Face repo ids, and then only to the local HF cache.
 MODEL_ALIASES = {
@@ -92,107 +94,35 @@ def resolve_model(name: str | os.PathLike) -> Path:
                         f"download it first with: hf download {repo_id}") from None
 
 
-def read_config(model_dir: Path) -> dict:
-    cfg_path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: model directory does not exist")
-    if not cfg_path.is_file():
-        raise UserError(f"{cfg_path}: missing (not a Hugging Face model directory?)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{cfg_path}: expected a JSON object")
-    return cfg
+def cpu_run_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of `dtype` runs in on the CPU: float16 becomes bfloat16 (torch's CPU half
+    matmuls are slow and some ops are missing; bf16 keeps the range). Applies to what runs on the
+    CPU only: on a GPU the checkpoint's dtype is kept."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
-def load_config(model_dir: str | os.PathLike) -> ModelConfig:
-    return ModelConfig.from_hf(read_config(Path(model_dir)))
-
-
-# ----------------------------------------------------------------------------- weights
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The weight files of a checkpoint: sharded or single, safetensors preferred over .bin."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = model_dir / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{index}: malformed shard index ({e})") from None
-            files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
-            for f in files:
-                if not f.is_file():
-                    raise UserError(f"{f}: shard listed in {index_name} is missing")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / single).is_file():
-            return [model_dir / single]
-    raise UserError(f"{model_dir}: no weights found (model.safetensors, model.safetensors.index.json, "
-                    "pytorch_model.bin or pytorch_model.bin.index.json)")
-
-
-def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Yield (name, tensor, file) for every tensor; safetensors are memory-mapped."""
-    from safetensors import safe_open
-    for f in files:
-        if f.suffix == ".safetensors":
-            try:
-                handle = safe_open(str(f), framework="pt", device="cpu")
-                names = list(handle.keys())
-            except Exception as e:
-                raise UserError(f"{f}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
-            for n in names:
-                try:
-                    t = handle.get_tensor(n)
-                except Exception as e:
-                    raise UserError(f"{f}: tensor {n!r} is unreadable (truncated or corrupt file?: "
-                                    f"{str(e).splitlines()[0]})") from None
-                yield n, t, f
-        else:
-            try:
-                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise UserError(f"{f}: cannot read PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-            for n, t in state.items():
-                yield n, t, f
-
-
-def checkpoint_dtype(files: list[Path]) -> torch.dtype:
-    """The floating dtype of the first weight tensor (used when --dtype is auto)."""
-    for _, t, _ in iter_checkpoint_tensors(files[:1]):
-        if t.is_floating_point():
-            return t.dtype
-    return torch.float32
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> Transformer:
+def load_model(path: str | os.PathLike | ModelDir, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None,
+               place: Callable[[str], tuple[torch.device, torch.dtype]] | None = None) -> Transformer:
     """Build the dense engine on the meta device and fill it from an HF checkpoint directory
-    or a hybrid model directory (native names, FFN rows already permuted and neuron-major)."""
-    from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
-    model_dir = Path(path)
-    cfg = ModelConfig.from_hf(read_config(model_dir))
-    native = is_hybrid_dir(model_dir)
-    if native:
-        weights = model_dir / read_hybrid_meta(model_dir).raw["weights"]
-        if not weights.is_file():
-            raise UserError(f"{weights}: missing (listed in hybrid.json)")
-        files = [weights]
-    else:
-        files = checkpoint_files(model_dir)
-    dtype = dtype or checkpoint_dtype(files)
-    if dtype == torch.float16 and torch.device(device).type == "cpu":
-        # half matmuls on the CPU are slow and some ops are missing; bf16 keeps the range
-        print("note: float16 weights run as bfloat16 on the CPU", file=sys.stderr)
-        dtype = torch.bfloat16
+    or a hybrid model directory (native names, FFN rows already permuted and neuron-major).
+
+    dtype None: the checkpoint's, except float16 on the CPU (`cpu_run_dtype`, said on stderr);
+    a dtype given is used as it is, on any device. `place(native_name) -> (device, dtype)`, when
+    given, decides per tensor instead (layer offload puts whole layers on the CPU)."""
+    md = open_model_dir(path)
+    model_dir, cfg, native = md.path, md.config, md.native_names
+    if dtype is None:
+        dtype = md.dtype
+        if torch.device(device).type == "cpu" and cpu_run_dtype(dtype) != dtype:
+            print(f"note: {str(dtype).replace('torch.', '')} weights run as "
+                  f"{str(cpu_run_dtype(dtype)).replace('torch.', '')} on the CPU", file=sys.stderr)
+            dtype = cpu_run_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {n: t.shape for n, t in model.state_dict().items()}  # native names (q/k/v split)
     state: dict[str, torch.Tensor] = {}
-    for hf_name, t, f in iter_checkpoint_tensors(files):
+    for hf_name, t, f in md.tensors():
         mapped = (hf_name, False) if native else native_name(hf_name)
         if mapped is None:
             if not _IGNORED.match(hf_name):
@@ -209,7 +139,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         if tuple(t.shape) != tuple(expected[name]):
             raise UserError(f"{f}: tensor {hf_name!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[name])}")
-        state[name] = t.to(device=device, dtype=dtype).contiguous()
+        dev, dt = place(name) if place is not None else (device, dtype)
+        state[name] = t.to(device=dev, dtype=dt).contiguous()
     if cfg.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = [n for n in expected if n not in state]

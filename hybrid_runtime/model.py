@@ -7,6 +7,7 @@ Layout conventions (fixed at load time, never inside `forward`):
 - FFN weights are neuron-major: `gate`, `up` and `down` are all (f, d); `down` is HF's
   `down_proj.weight` (d, f) transposed, so one neuron's three rows are contiguous. The hybrid
   runtime (hybrid_runtime/hybrid.py) slices exactly these tensors into hot and cold rows.
+- Activations (what act(g) * u is, which neurons are active) live in hybrid_runtime/activations.py.
 - Attention: q, k, v are one projection `wqkv` (rows q, k, v): batch-1 decode is launch-bound, so
   one GEMM, then one RoPE (HF's rotate-half) for q and k together. `state_dict()` and
   `load_state_dict()` speak the on-disk names `wq`, `wk`, `wv` (`fuse_qkv_`): files never see wqkv.
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybrid_runtime.activations import Activation
 from hybrid_runtime.errors import UserError
 
 SUPPORTED_ARCHITECTURES = (
@@ -29,9 +29,6 @@ SUPPORTED_ARCHITECTURES = (
     "SparseLlamaForCausalLM",  # ProSparse releases (they ship modeling_sparsellama.py; not needed here)
     "MiniCPMForCausalLM",
 )
-ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu")
-_HF_ACT_NAMES = {"silu": "silu", "swish": "silu", "relu": "relu", "fatrelu": "fatrelu",
-                 "relu2": "relu2", "relu_squared": "relu2", "drelu": "drelu"}
 
 
 @dataclass
@@ -65,16 +62,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
-        if self.act not in ACTIVATIONS:
-            raise UserError(f"unknown activation {self.act!r} (supported: {', '.join(ACTIVATIONS)})")
-        if self.act_threshold < 0:
-            raise UserError(f"activation threshold must be >= 0, got {self.act_threshold}")
+        self.activation  # validates act and act_threshold (hybrid_runtime/activations.py)
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"num_attention_heads={self.n_heads} is not a multiple of "
                             f"num_key_value_heads={self.n_kv_heads}")
         self.residual_scale = (self.scale_depth / math.sqrt(self.n_layers)
                                if self.scale_depth is not None else 1.0)
         self.logit_scale = (self.dim_model_base / self.dim) if self.dim_model_base else 1.0
+
+    @property
+    def activation(self) -> Activation:
+        return Activation(self.act, self.act_threshold)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -91,12 +89,7 @@ class ModelConfig:
                 raise UserError(f"config.json: field {key!r} missing or not a positive integer")
         if hf.get("mlp_bias"):
             raise UserError("config.json: mlp_bias=true is not supported")
-        raw_act = str(hf.get("hidden_act", "silu"))
-        if raw_act not in _HF_ACT_NAMES:
-            raise UserError(f"config.json: hidden_act {raw_act!r} is not supported "
-                            f"(supported: {', '.join(sorted(_HF_ACT_NAMES))})")
-        act = _HF_ACT_NAMES[raw_act]
-        threshold = float(hf.get("hidden_act_param", 0.0) or 0.0) if act == "fatrelu" else 0.0
+        activation = Activation.from_hf(hf.get("hidden_act", "silu"), hf.get("hidden_act_param"))
         # transformers >= 5 stores RoPE settings in `rope_parameters`; older configs use
         # `rope_theta` + `rope_scaling` (with "type" or "rope_type").
         rope = dict(hf.get("rope_parameters") or {})
@@ -120,44 +113,12 @@ class ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta, rope_scaling=scaling,
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "MiniCPMForCausalLM")),
-            act=act, act_threshold=threshold, attention_bias=bool(hf.get("attention_bias", False)),
+            act=activation.name, act_threshold=activation.threshold, attention_bias=bool(hf.get("attention_bias", False)),
             sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
             scale_emb=float(hf.get("scale_emb", 1.0) or 1.0), scale_depth=hf.get("scale_depth"),
             dim_model_base=hf.get("dim_model_base"), architecture=arch,
             bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
         )
-
-
-# ----------------------------------------------------------------------------- activations
-
-def gate_activation(act: str, threshold: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The FFN's gated activation a = act(g) * u as a function of (g, u); chosen once, at build time."""
-    if act == "silu":
-        return lambda g, u: F.silu(g) * u
-    if act == "relu":
-        return lambda g, u: F.relu(g) * u
-    if act == "fatrelu":  # ProSparse: keep g >= t, zero below
-        return lambda g, u: torch.where(g >= threshold, g, torch.zeros_like(g)) * u
-    if act == "relu2":    # ReLU² paper: squared ReLU on the gate
-        return lambda g, u: F.relu(g).square() * u
-    if act == "drelu":    # TurboSparse: ReLU on gate and up
-        return lambda g, u: F.relu(g) * F.relu(u)
-    raise UserError(f"unknown activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
-
-
-def apply_act(g: torch.Tensor, u: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
-    return gate_activation(act, threshold)(g, u)
-
-
-def active_mask(g: torch.Tensor, u: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
-    """Which neurons fire: the activated gate is non-zero (dReLU: gate and up both positive)."""
-    if act == "fatrelu":
-        return (g >= threshold) & (g != 0)
-    if act in ("relu", "relu2"):
-        return g > 0
-    if act == "drelu":
-        return (g > 0) & (u > 0)
-    raise UserError(f"activation {act!r} has no exact zeros; profile it with a magnitude threshold")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -269,7 +230,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated FFN y = down^T · (act(gate·x) ⊙ up·x), x = norm(h); weights neuron-major (f, d)."""
+    """Gated FFN y = down^T · (act(gate·x) ⊙ up·x), x = norm(h); weights neuron-major (f, d).
+
+    The dense FFN. A block's FFN is any module mapping the residual h (B, T, d) to the branch
+    y (B, T, d) that owns its own norm: the hybrid runtime swaps in `hybrid.HybridFFN` (hot rows
+    on the GPU, cold rows on the CPU); nothing else in the forward changes."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -277,13 +242,12 @@ class FeedForward(nn.Module):
         self.gate = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d)
         self.up = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))    # (f, d)
         self.down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d) = down_proj.weight.T
-        self.act, self.threshold = cfg.act, cfg.act_threshold
-        self.act_fn = gate_activation(cfg.act, cfg.act_threshold)
+        self.activation = cfg.activation
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.norm(h)                                           # (B, T, d)
-        a = self.act_fn(F.linear(x, self.gate), F.linear(x, self.up))  # (B, T, f)
-        return a @ self.down                                       # (B, T, d)
+        x = self.norm(h)                                                   # (B, T, d)
+        a = self.activation(F.linear(x, self.gate), F.linear(x, self.up))  # (B, T, f)
+        return a @ self.down                                               # (B, T, d)
 
 
 class Block(nn.Module):
@@ -294,14 +258,25 @@ class Block(nn.Module):
         self.ffn: nn.Module = FeedForward(cfg)  # the hybrid runtime swaps this module
         self.residual_scale = cfg.residual_scale
 
+    def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               input_pos: torch.Tensor) -> torch.Tensor:
+        """h + attention branch: the FFN's input (the hybrid CUDA graphs capture this half alone)."""
+        return self.add_branch(h, self.attn(self.attn_norm(h), cos, sin, mask, input_pos))
+
+    def add_branch(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # h + branch * residual_scale as one kernel (MiniCPM's scale; 1.0 elsewhere)
+        return torch.add(h, y, alpha=self.residual_scale)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 input_pos: torch.Tensor) -> torch.Tensor:
-        # h + branch * residual_scale as one kernel (MiniCPM's scale; 1.0 elsewhere)
-        h = torch.add(h, self.attn(self.attn_norm(h), cos, sin, mask, input_pos), alpha=self.residual_scale)
-        return torch.add(h, self.ffn(h), alpha=self.residual_scale)
+        h = self.attend(h, cos, sin, mask, input_pos)
+        return self.add_branch(h, self.ffn(h))
 
 
 class Transformer(nn.Module):
+    """embed -> layers -> head. `forward` is the only decode step; the CUDA-graph steps
+    (cuda_graph.py, hybrid_graph.py) replay these same methods."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -312,14 +287,15 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
 
     def setup_cache(self, max_batch: int, max_seq_len: int) -> None:
-        """Pre-allocate the KV cache and RoPE tables on the device/dtype of the weights."""
+        """Pre-allocate each layer's KV cache where that layer's attention weights live (device and
+        dtype), and the RoPE tables and causal mask on the embeddings' device."""
         cfg = self.config
-        p = self.tok_embeddings.weight
-        dtype, device = p.dtype, p.device
+        device = self.tok_embeddings.weight.device
         self.max_seq_len = max_seq_len
         for layer in self.layers:
+            w = layer.attn.wqkv.weight
             layer.attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim,
-                                          dtype, device)
+                                          w.dtype, w.device)
         inv_freq = rope_inv_freq(cfg).to(device)
         t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)                       # (S, hs/2)
@@ -333,8 +309,8 @@ class Transformer(nn.Module):
             allowed &= pos[None, :] > pos[:, None] - cfg.sliding_window
         self.register_buffer("causal_mask", allowed, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) in fp32."""
+    def embed(self, tokens: torch.Tensor, input_pos: torch.Tensor):
+        """tokens (B, T) at positions input_pos (T,) -> (h (B, T, d), cos, sin (T, hs), mask (T, S))."""
         cfg = self.config
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hs)
         h = self.tok_embeddings(tokens)                        # (B, T, d)
@@ -342,12 +318,21 @@ class Transformer(nn.Module):
         mask = torch.where(self.causal_mask[input_pos], 0.0, -math.inf).to(h.dtype)  # (T, S)
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
+        return h, cos, sin, mask
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: h (B, T, d) -> logits (B, T, V) in fp32."""
+        h = self.norm(h)
+        if self.config.logit_scale != 1.0:
+            h = h * self.config.logit_scale
+        return self.output(h).float()
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) in fp32."""
+        h, cos, sin, mask = self.embed(tokens, input_pos)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos)
-        h = self.norm(h)
-        if cfg.logit_scale != 1.0:
-            h = h * cfg.logit_scale
-        return self.output(h).float()
+        return self.head(h)
 
     def param_count(self) -> int:
         seen, total = set(), 0

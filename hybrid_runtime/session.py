@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from hybrid_runtime.errors import UserError, log
 from hybrid_runtime.generate import Generator
-from hybrid_runtime.hybrid_format import is_hybrid_dir, read_hybrid_meta
-from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, read_config, resolve_model
+from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, resolve_model
 from hybrid_runtime.model import ModelConfig
+from hybrid_runtime.model_dir import ModelDir, open_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "models" / "demo"
@@ -67,6 +67,7 @@ class LoadedModel:
     mode: str                                  # dense, exact or predictor
     decode_step: Callable | None = None        # CUDA-graph replay of one decode step, when capturable
     placement: object | None = None            # hybrid_runtime.placement.Placement, hybrid on CUDA
+    dtypes: str = ""                           # which dtype each side runs in (said on stderr)
 
     def generator(self) -> Generator:
         return Generator(self.model, self.tokenizer, self.context, self.device,
@@ -84,9 +85,8 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
                gpu_memory: str | None = None, hot_fraction: float | None = None,
                cold_format: str | None = None, cuda_graph: bool = True) -> LoadedModel:
     """Open a plain HF checkpoint (dense) or a hybrid model directory (predictor/exact/dense)."""
-    path = resolve_model(name) if name else default_model_dir()
-    hf = read_config(path)
-    cfg = ModelConfig.from_hf(hf)
+    md = open_model_dir(resolve_model(name) if name else default_model_dir())
+    path, cfg = md.path, md.config
     dev = pick_device(device)
     set_threads(threads)
     ctx = context or min(cfg.max_seq_len, 4096)
@@ -95,14 +95,13 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if ctx > cfg.max_seq_len:
         log(f"warning: --context {ctx} is beyond the model's max_position_embeddings "
             f"({cfg.max_seq_len}); quality may degrade")
-    hybrid = is_hybrid_dir(path)
     if mode is not None and mode not in MODES:
         raise UserError(f"unknown mode {mode!r} (use one of: {', '.join(MODES)})")
-    if mode in ("predictor", "exact") and not hybrid:
+    if mode in ("predictor", "exact") and not md.is_hybrid:
         raise UserError(f"{path}: --{mode} needs a hybrid model directory (hybrid.json); make one with "
                         "`hybrid-convert all`, or run this checkpoint with --dense")
-    mode = mode or ("predictor" if hybrid and read_hybrid_meta(path).predictors_file else
-                    "exact" if hybrid else "dense")
+    mode = mode or ("predictor" if md.is_hybrid and md.hybrid.predictors_file else
+                    "exact" if md.is_hybrid else "dense")
     if hot_fraction is not None and not 0.0 <= hot_fraction <= 1.0:
         raise UserError(f"--hot-fraction must be in [0, 1], got {hot_fraction}")
     tokenizer = load_tokenizer(path)
@@ -112,15 +111,19 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
         if gpu_memory or hot_fraction is not None:
             log("note: --gpu-memory / --hot-fraction apply to the hybrid modes; --dense loads the whole model "
                 f"on {dev}")
-        model = load_model(path, device=dev, dtype=run_dtype)
+        model = load_model(md, device=dev, dtype=run_dtype)
+        dtypes = f"dtype: {_dtype_name(model.tok_embeddings.weight.dtype)} on {dev.type}"
     else:
         from hybrid_runtime.hybrid import build_hybrid_model
-        if run_dtype is None and dev.type == "cpu":
-            run_dtype = torch.float32   # torch's CPU matmuls are fastest in fp32; cold rows stay 16-bit
-        hot_counts, placement = plan_hot_counts(path, cfg, dev, ctx, gpu_memory, hot_fraction, cold_format,
-                                                run_dtype)
-        model = build_hybrid_model(path, hot_counts, dev, dtype=run_dtype, mode=mode,
-                                   cold_format=cold_format or _default_cold_format(path))
+        if run_dtype is None:
+            # the GPU runs the checkpoint's dtype; on the CPU torch's matmuls are fastest in fp32
+            run_dtype = md.dtype if dev.type == "cuda" else torch.float32
+        fmt = cold_format or _default_cold_format(md)
+        hot_counts, placement = plan_hot_counts(md, dev, ctx, gpu_memory, hot_fraction, cold_format, run_dtype)
+        model = build_hybrid_model(md, hot_counts, dev, dtype=run_dtype, mode=mode, cold_format=fmt)
+        dtypes = (f"dtype: {_dtype_name(run_dtype)} on {dev.type} (attention, predictors, hot rows); "
+                  f"cold rows {fmt} on the CPU (stored {_dtype_name(md.dtype)})")
+    log(dtypes)
     model.setup_cache(max_batch=1, max_seq_len=ctx)
     model_dtype = model.tok_embeddings.weight.dtype
     decode_step = None
@@ -134,7 +137,11 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
         except RuntimeError as e:
             log(f"note: CUDA graph capture of the hybrid decode step failed ({str(e).splitlines()[0]}); "
                 "decoding eagerly (slower). Please report this.")
-    return LoadedModel(path, cfg, model, tokenizer, dev, model_dtype, ctx, mode, decode_step, placement)
+    return LoadedModel(path, cfg, model, tokenizer, dev, model_dtype, ctx, mode, decode_step, placement, dtypes)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _capturable(model: torch.nn.Module) -> bool:
@@ -142,18 +149,18 @@ def _capturable(model: torch.nn.Module) -> bool:
     return all(getattr(layer.ffn, "cold", None) is None for layer in model.layers)
 
 
-def _default_cold_format(path: Path) -> str:
+def _default_cold_format(md: ModelDir) -> str:
     """Cold rows keep the checkpoint's 16-bit type (no rounding); fp32 checkpoints go to bf16."""
-    stored = str(read_hybrid_meta(path).raw.get("dtype", "bfloat16"))
-    return "fp16" if stored == "float16" else "bf16"
+    return "fp16" if md.dtype == torch.float16 else "bf16"
 
 
-def plan_hot_counts(path: Path, cfg: ModelConfig, dev: torch.device, context: int, gpu_memory: str | None,
-                    hot_fraction: float | None, cold_format: str | None, run_dtype: torch.dtype | None):
+def plan_hot_counts(md: ModelDir, dev: torch.device, context: int, gpu_memory: str | None,
+                    hot_fraction: float | None, cold_format: str | None, run_dtype: torch.dtype):
     """Hot neurons per layer: from --hot-fraction, else (CUDA) the placement solver under the GPU
     budget (default: the GPU's free memory), else (CPU) none: every FFN neuron goes through the
     Numba sparse kernel."""
     from hybrid_runtime.placement import ModelShape, format_placement, parse_size, solve_placement
+    cfg, meta = md.config, md.hybrid
     if hot_fraction is not None:
         k = int(round(cfg.ffn_dim * hot_fraction))
         return [k] * cfg.n_layers, None
@@ -161,15 +168,13 @@ def plan_hot_counts(path: Path, cfg: ModelConfig, dev: torch.device, context: in
         if gpu_memory:
             log("note: --gpu-memory is ignored on --device cpu (no GPU): all FFN neurons run on the CPU")
         return [0] * cfg.n_layers, None
-    meta = read_hybrid_meta(path)
     free, _ = torch.cuda.mem_get_info(dev)
     budget = parse_size(gpu_memory) if gpu_memory else int(free * 0.9)
     if budget > free:
         log(f"warning: --gpu-memory {gpu_memory} is more than the GPU's free memory "
             f"({free / 1024 ** 3:.2f} GiB); using what is free")
         budget = int(free * 0.95)
-    wbytes = torch.finfo(run_dtype).bits // 8 if run_dtype else \
-        (4 if meta.raw.get("dtype") == "float32" else 2)
+    wbytes = torch.finfo(run_dtype).bits // 8
     pred_bytes = meta.predictors_file.stat().st_size // cfg.n_layers if meta.predictors_file else 0
     pred_bytes = pred_bytes * wbytes // 4  # stored fp32, run in the model dtype
     cpu_per_neuron = 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2

@@ -259,7 +259,7 @@ def test_metrics(p: LayerPredictor, data: LayerData, ffn: torch.nn.Module | None
         x = norm_fn(ffn, dev)(data.h_test.float())  # the FFN's own input, whatever the predictor reads
         gate, up, down = (ffn.gate.to(dev, torch.float32), ffn.up.to(dev, torch.float32),
                           ffn.down.to(dev, torch.float32))
-        a = ffn.act_fn(F.linear(x, gate), F.linear(x, up))  # (n, f)
+        a = ffn.activation(F.linear(x, gate), F.linear(x, up))  # (n, f)
         out["ffn_rel_err"] = ffn_output_rel_error(a, down, true, pred)
     out["curve"] = recall_density_curve(logits, true)
     return out
@@ -304,7 +304,7 @@ def train_all(reader: SampleReader, ffns: list, cfg: TrainConfig, work_dir: Path
               baseline_fn: Callable | None = None, baseline_layers: list[int] = ()) -> tuple[PredictorSet, dict]:
     """Train every layer; per-layer results are checkpointed in work_dir so `resume` skips done layers.
 
-    ffns[i]: the model's FeedForward module of layer i (norm, gate, up, down, act_fn), or None (then
+    ffns[i]: the model's FeedForward module of layer i (norm, gate, up, down, activation), or None (then
     the ffn_norm input and the FFN-output error are unavailable). baseline_fn(layer, data, predictor)
     returns baseline rows for the layers in baseline_layers.
     """

@@ -59,8 +59,8 @@ def test_synthetic_model_calibration_checkpoint_and_pipeline(tiny_bench_model):
     from safetensors import safe_open
 
     from bench.synthetic import build_synthetic, hf_tensors, shape_configs, target_frequencies
-    from hybrid_runtime.hybrid_format import read_hybrid_meta
     from hybrid_runtime.loading import load_model
+    from hybrid_runtime.model_dir import read_hybrid_meta
     syn, _ = shape_configs("tiny", seed=0)
     model, stats = build_synthetic(syn, "cpu", progress=False)
     # calibration: each layer's measured density on its own calibration tokens is the target's
@@ -119,8 +119,29 @@ def test_layer_offload_equals_the_dense_engine(make_hf_model):
         off = build_layer_offload(path, n_gpu, torch.device("cpu"), torch.float32)
         torch.testing.assert_close(logits(off), ref, atol=1e-5, rtol=1e-5)
     off = build_layer_offload(path, 1, torch.device("cpu"), torch.bfloat16)
-    assert off.model.layers[2].ffn.gate.dtype == torch.bfloat16
+    assert off.layers[2].ffn.gate.dtype == torch.bfloat16 and off.layers[0].ffn.gate.dtype == torch.float32
     assert ((logits(off) - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_layer_offload_applies_minicpm_scalings(tmp_path):
+    """Layer offload runs the model's own forward: MiniCPM's scale_emb, scale_depth and logit scale
+    included (an earlier copy of the forward dropped two of them)."""
+    from bench.run_bench import build_layer_offload
+    from hybrid_runtime.loading import load_model
+    from hybrid_runtime.tiny import tiny_llama_config, write_random_checkpoint
+    cfg = tiny_llama_config(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, tie=True)
+    cfg.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", scale_emb=12.0, scale_depth=1.4,
+               dim_model_base=16)
+    path = write_random_checkpoint(tmp_path / "minicpm", cfg, seed=2)
+    ids = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+
+    def logits(model):
+        model.setup_cache(1, 16)
+        return model(ids, torch.arange(8))[0]
+
+    ref = logits(load_model(path, dtype=torch.float32))
+    off = build_layer_offload(path, 1, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(logits(off), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_offload_layer_count_follows_the_budget():
@@ -237,8 +258,7 @@ def _fake_graphed_step(trace: list, d: int = 8):
     step.token, step.pos = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
     step.g_first, step.g_last = Graph("first"), Graph("last")
     step.logits = torch.zeros(1, 1, 4)
-    step.staging = SimpleNamespace(ready=SimpleNamespace(record=lambda: trace.append("ready")),
-                                   wait=lambda: trace.append("wait"))
+    step.staging = SimpleNamespace(mark_ready=lambda: trace.append("ready"), wait=lambda: trace.append("wait"))
     rng = np.random.default_rng(0)
     x0, x2 = rng.standard_normal((1, d)).astype(np.float32), rng.standard_normal((1, d)).astype(np.float32)
     sel0 = rng.random(6) < 0.5
@@ -279,13 +299,15 @@ def test_profiled_call_runs_the_plain_steps_operations_and_accounts_for_the_wall
 
 
 def _cold_ffn(act: str, threshold: float, fmt: str, n_cold: int = 40, d: int = 32, seed: int = 0):
+    from hybrid_runtime.activations import Activation
     from hybrid_runtime.cpu_ffn import ColdRows
     from hybrid_runtime.hybrid import CpuStaging, HybridFFN
     from hybrid_runtime.model import RMSNorm
     g = torch.Generator().manual_seed(seed)
     w = [torch.randn(n_cold, d, generator=g) / d ** 0.5 for _ in range(3)]
     hot = [torch.zeros(0, d) for _ in range(3)]
-    return HybridFFN(RMSNorm(d, 1e-5), *hot, ColdRows.from_torch(*w, fmt=fmt), act, threshold, CpuStaging())
+    return HybridFFN(RMSNorm(d, 1e-5), *hot, ColdRows.from_torch(*w, fmt=fmt), Activation(act, threshold),
+                     CpuStaging())
 
 
 @pytest.mark.parametrize("act,threshold,fmt", [("relu", 0.0, "bf16"), ("fatrelu", 0.1, "fp16"),
@@ -293,7 +315,7 @@ def _cold_ffn(act: str, threshold: float, fmt: str, n_cold: int = 40, d: int = 3
 def test_cold_firing_counts_match_a_numpy_reference(act, threshold, fmt):
     """Which selected cold neurons fired, recomputed from the stored rows: gate rows read for every
     selected neuron, up rows where the gate fires, down rows where the neuron is active."""
-    from hybrid_runtime.cpu_ffn import act_ref
+    from hybrid_runtime.activations import Activation
     from hybrid_runtime.hybrid_graph import cold_firing_counts
     T, d = 5, 32
     ffns = [_cold_ffn(act, threshold, fmt, seed=1), None, _cold_ffn(act, threshold, fmt, seed=2)]
@@ -309,7 +331,7 @@ def test_cold_firing_counts_match_a_numpy_reference(act, threshold, fmt):
         g, u = x[:, l].astype(np.float64) @ gate.T, x[:, l].astype(np.float64) @ up.T     # (T, n_cold)
         m = sel[l] if sel[l].shape[1] else np.ones((T, 40), bool)
         fired = (g >= threshold) & (g > 0) if act == "fatrelu" else g > 0
-        active = act_ref(g, u, act, threshold) != 0
+        active = Activation(act, threshold).numpy(g, u) != 0
         np.testing.assert_array_equal(got[l], [m.sum(), (fired & m).sum(), (active & m).sum()])
     assert got[2, 0] == T * 40 and 0 < got[0, 2] <= got[0, 1] < got[0, 0]
 
@@ -367,9 +389,9 @@ def test_profiled_graphed_step_on_cuda_matches_the_plain_step(tiny_bench_model):
     from bench.run_bench import summarise_graphed_profile
     from hybrid_runtime.hybrid import build_hybrid_model
     from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep, StepProfile
-    from hybrid_runtime.loading import load_config
+    from hybrid_runtime.model_dir import open_model_dir
     hyb = tiny_bench_model.hybrid_dir
-    cfg = load_config(hyb)
+    cfg = open_model_dir(hyb).config
     dev = torch.device("cuda")
     model = build_hybrid_model(hyb, [cfg.ffn_dim // 2, 0], dev, dtype=torch.bfloat16, mode="predictor",
                                cold_format="bf16")

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybrid_runtime.activations import Activation
+from hybrid_runtime.errors import UserError
 from hybrid_runtime.loading import load_model
-from hybrid_runtime.model import ModelConfig, active_mask, apply_act
+from hybrid_runtime.model import ModelConfig
 
 PROMPT_LEN, DECODE_STEPS = 12, 16
 
@@ -161,12 +163,21 @@ def test_greedy_tokens_match_hf_generate(make_hf_model):
 def test_activation_functions_reference():
     g = torch.tensor([-1.0, 0.0, 0.005, 0.01, 0.5])
     u = torch.tensor([2.0, 2.0, 2.0, -2.0, 2.0])
-    assert apply_act(g, u, "fatrelu", 0.01).tolist() == pytest.approx([0.0, 0.0, 0.0, -0.02, 1.0])
-    assert active_mask(g, u, "fatrelu", 0.01).tolist() == [False, False, False, True, True]
-    assert apply_act(g, u, "relu2", 0).tolist() == pytest.approx([0, 0, 2 * 0.005 ** 2, -2 * 0.01 ** 2, 0.5])
-    assert apply_act(g, u, "drelu", 0).tolist() == pytest.approx([0, 0, 0.01, 0, 1.0])
-    assert active_mask(g, u, "drelu", 0).tolist() == [False, False, True, False, True]
-    assert active_mask(g, u, "relu", 0).tolist() == [False, False, True, True, True]
+    fatrelu, relu2, drelu, relu = (Activation("fatrelu", 0.01), Activation("relu2"), Activation("drelu"),
+                                   Activation("relu"))
+    assert fatrelu(g, u).tolist() == pytest.approx([0.0, 0.0, 0.0, -0.02, 1.0])
+    assert fatrelu.active(g, u).tolist() == [False, False, False, True, True]
+    assert relu2(g, u).tolist() == pytest.approx([0, 0, 2 * 0.005 ** 2, -2 * 0.01 ** 2, 0.5])
+    assert drelu(g, u).tolist() == pytest.approx([0, 0, 0.01, 0, 1.0])
+    assert drelu.active(g, u).tolist() == [False, False, True, False, True]
+    assert relu.active(g, u).tolist() == [False, False, True, True, True]
+    for act in (fatrelu, relu2, drelu, relu, Activation("silu")):   # the numpy twin (CPU kernels' reference)
+        assert act.numpy(g.double().numpy(), u.double().numpy()) == pytest.approx(act(g.double(), u.double()).numpy())
+    with pytest.raises(UserError, match="no exact zeros"):
+        Activation("silu").active(g, u)
+    for bad in (("gelu", 0.0), ("relu", 0.1), ("fatrelu", -1.0), ("fatrelu", float("nan"))):
+        with pytest.raises(UserError):
+            Activation(*bad)
 
 
 def test_config_derived_fields():

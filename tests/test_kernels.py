@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hybrid_runtime import kernels as K
-from hybrid_runtime.model import apply_act
+from hybrid_runtime.activations import Activation
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (run on the GPU machine)")
@@ -25,6 +25,11 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (run on the GPU mac
 # (rms 2^-8/√3 ≈ 2.3e-3 for bf16, 2^-11/√3 ≈ 2.8e-4 for fp16): bounds with 3-5x headroom.
 TOL = {torch.float32: 5e-5, torch.float16: 1.5e-3, torch.bfloat16: 8e-3}
 ACTS = ("silu", "relu", "fatrelu", "relu2", "drelu")
+
+
+def apply_act(g, u, act, threshold=0.0):
+    """a = act(g) * u by the activation table (hybrid_runtime/activations.py)."""
+    return Activation(act, threshold)(g, u)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

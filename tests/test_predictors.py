@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hybrid_runtime.errors import UserError
-from hybrid_runtime.model import FeedForward, ModelConfig, active_mask
+from hybrid_runtime.model import FeedForward, ModelConfig
 from predictors.metrics import (ffn_output_rel_error, mask_metrics, recall_at_density, recall_density_curve,
                                 recall_standard_error, threshold_for_density, threshold_for_recall)
 from predictors.model import LayerPredictor, PredictorSet
@@ -267,7 +267,7 @@ def _synthetic_layer(tmp_path, n=3000, d=32, f=64, seed=0):
         ffn.norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
         h = 3 * torch.randn(n, d, generator=g)
         x = ffn.norm(h)
-        mask = active_mask(x @ ffn.gate.T, x @ ffn.up.T, "fatrelu", 0.4)
+        mask = ffn.activation.active(x @ ffn.gate.T, x @ ffn.up.T)
     w = SampleWriter(tmp_path / "samples", 1, d, f, x_kind="residual", chunk_rows=1000)
     w.append(0, h, mask)
     w.flush()

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from convert.data import load_token_blocks, read_documents, split_documents, train_bpe_tokenizer
-from convert.evaluate import cett, cett_threshold, evaluate
+from convert.evaluate import evaluate
+from hybrid_runtime.activations import cett, cett_threshold
 from convert.prosparse import (ACTIVATIONS, PRESETS, ActivationRecorder, LambdaSchedule, decoder_layers, fatrelu,
                                l1_regularizer, load_hf_model, preset_schedule, sine_schedule, swap_activation)
 from convert.train import LlamaSpec, build_llama
@@ -234,7 +235,7 @@ def test_load_hf_model_with_activations_transformers_does_not_know(tiny, tmp_pat
 
 def test_load_hf_model_bad_input(tmp_path, tiny):
     d, _, _ = tiny
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="config.json: missing"):
         load_hf_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="model_type 'gpt2' is not LLaMA-family"):
@@ -247,7 +248,7 @@ def test_load_hf_model_bad_input(tmp_path, tiny):
     with pytest.raises(UserError, match="hidden_act_param > 0"):
         load_hf_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))  # config but no weights
-    with pytest.raises(UserError, match="cannot load the model weights"):
+    with pytest.raises(UserError, match="no weights found"):
         load_hf_model(tmp_path)
 
 
@@ -268,7 +269,7 @@ def test_cett_threshold_against_reference():
     x1 = torch.randn(48, 40, generator=g) * torch.rand(48, 40, generator=g) ** 3  # heavy-tailed
     w = torch.randn(16, 40, generator=g)
     bound = 0.2
-    eps, sparsity, err = cett_threshold(x1, w, bound)
+    eps, sparsity, err = cett_threshold(x1, w.T, bound)   # w is HF's (d, f); the table takes (f, d)
     xn, wn = x1.double().numpy(), w.double().numpy()
     assert err == pytest.approx(cett_ref(xn, wn, eps), rel=1e-4)
     assert cett_ref(xn, wn, eps) <= bound + 1e-6
@@ -276,7 +277,7 @@ def test_cett_threshold_against_reference():
     nxt = mag[mag > eps].min()                  # one more neuron-token truncated: over the bound
     assert cett_ref(xn, wn, nxt) > bound
     assert sparsity == pytest.approx((mag <= eps).mean(), abs=1e-6)
-    assert cett(x1, w, 0.0).item() == 0.0
+    assert cett(x1, w.T, 0.0).item() == 0.0
 
 
 def test_evaluate_exact_and_cett(tiny):
