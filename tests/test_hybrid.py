@@ -199,7 +199,7 @@ def test_graphed_step_replays_the_models_own_forward(packed, mode, monkeypatch, 
 @pytest.fixture(scope="module")
 def packed_fp16(tmp_path_factory):
     """A float16 ReLU checkpoint packed with random frequencies (no predictors: --exact)."""
-    from hybrid_runtime.tiny import build_tiny_model, tiny_llama_config, write_random_checkpoint
+    from hybrid_runtime.tiny import build_tiny_model, write_random_checkpoint
     root = tmp_path_factory.mktemp("fp16")
     src = build_tiny_model(root / "src", seed=3, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=F_DIM)
     cfg = json.loads((src / "config.json").read_text())
