@@ -69,7 +69,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hybrid_runtime.errors import UserError  # noqa: E402
+from hybrid_runtime.errors import UserError, check_number, check_output_path  # noqa: E402
 
 GiB = 1024 ** 3
 REPO = Path(__file__).resolve().parent.parent
@@ -2102,6 +2102,15 @@ def run_bench(opts: BenchOptions) -> dict:
         raise UserError(f"--gpu-memory must be positive, got {opts.gpu_memory!r}")
     if opts.cold_format not in ("auto", "bf16", "fp16", "int8"):
         raise UserError(f"--cold-format must be auto, bf16, fp16 or int8, got {opts.cold_format!r}")
+    check_number("--time-budget-s", opts.time_budget_s, low=0, low_open=True)
+    check_number("--target-density", opts.target_density, low=0, high=1, low_open=True, high_open=True)
+    if not (opts.model == "auto" or opts.model.startswith(SYNTHETIC_PREFIX)
+            or (Path(opts.model).expanduser() / "config.json").is_file()):
+        raise UserError(f"--model {opts.model}: not a model directory (no config.json) and not a synthetic shape "
+                        f"({SYNTHETIC_PREFIX}<shape>)")
+    model_input = [("--model", opts.model)] if Path(opts.model).expanduser().exists() else []
+    check_output_path(opts.out, model_input)
+    check_output_path(opts.work, model_input, what="--work")
     set_threads(opts.threads)
     synthetic = _synthetic_configs(opts, cuda)
     log(f"bench: systems {', '.join(systems)}; budget {budget / GiB:g} GiB; prompt {opts.prompt_tokens}, "

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from hybrid_runtime.errors import UserError, log, prepare_output_dir
+from hybrid_runtime.errors import (OUTPUT_MARKER, UserError, check_output_path, log,
+                                   prepare_output_dir)
 
 
 
@@ -19,11 +20,20 @@ def read_profile(profile_dir: Path) -> tuple[dict, list[np.ndarray]]:
     prof_path = profile_dir / "profile.json"
     if not prof_path.is_file():
         raise UserError(f"{prof_path}: not found (run `hybrid-convert profile` first, or finish it with --resume)")
-    prof = json.loads(prof_path.read_text())
-    freq_path = profile_dir / prof.get("frequencies", "frequencies.safetensors")
+    from hybrid_runtime.model_dir import inside
+    try:
+        prof = json.loads(prof_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{prof_path}: not valid JSON ({e})") from None
+    if not isinstance(prof, dict):
+        raise UserError(f"{prof_path}: not a profile (expected a JSON object)")
+    freq_path = inside(profile_dir, prof.get("frequencies", "frequencies.safetensors"), "profile.json: 'frequencies'")
     if not freq_path.is_file():
         raise UserError(f"{freq_path}: missing")
-    freq = load_file(str(freq_path))["frequency"]
+    try:
+        freq = load_file(str(freq_path))["frequency"]
+    except Exception as e:
+        raise UserError(f"{freq_path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return prof, [freq[i] for i in range(freq.shape[0])]
 
 
@@ -35,6 +45,7 @@ def pack(model: str, profile_dir: str, predictors_dir: str | None, out_dir: str,
 
     src = resolve_model(model)
     cfg = open_model_dir(src).config
+    check_output_path(out_dir, [("--model", src), ("--profile", profile_dir), ("--predictors", predictors_dir)])
     prof, freqs = read_profile(Path(profile_dir))
     if (len(freqs), len(freqs[0])) != (cfg.n_layers, cfg.ffn_dim):
         raise UserError(f"{profile_dir}: profile is {len(freqs)} layers x {len(freqs[0])} neurons but the model "
@@ -55,7 +66,8 @@ def pack(model: str, profile_dir: str, predictors_dir: str | None, out_dir: str,
                 stat.update(predictor_rank=m.get("rank"), predictor_threshold=m.get("threshold"),
                             predictor_recall=test.get("recall"), predictor_precision=test.get("precision"),
                             predicted_density=test.get("pred_density"))
-    out = prepare_output_dir(out_dir, force)
+    out = prepare_output_dir(out_dir, force, [("--model", src), ("--profile", profile_dir),
+                                              ("--predictors", predictors_dir)])
     calibration = {"data": prof.get("data"), "activity": prof.get("activity")}
     pack_hybrid_model(src, out, freqs, predictors=predictors, calibration=calibration,
                       layer_stats=layer_stats or None)
@@ -91,25 +103,52 @@ def pack_cmd(model, profile_dir, predictors_dir, out_dir, force):
 @click.option("--dtype", default="auto", show_default=True,
               help="Dtype of the model while profiling: auto, float32, bfloat16, float16 (float32 on the CPU "
                    "profiles exactly what the CPU runtime computes).")
-@click.option("--work-dir", default=None, help="Where intermediate results go (default: OUT.work); reused on rerun.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+@click.option("--work-dir", default=None, help="Where intermediate results go (default: OUT.work).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its work directory (same options), where it stopped.")
+@click.option("--force", is_flag=True, help="Start over: replace --out and the work directory (this tool's own).")
 @click.pass_context
 def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_len, recall_target, ranks,
-            max_epochs, baseline_layers, device, dtype, work_dir, force):
-    """profile -> train-predictors -> pack, for a model that is already ReLU. Rerun to resume."""
+            max_epochs, baseline_layers, device, dtype, work_dir, resume, force):
+    """profile -> train-predictors -> pack, for a model that is already ReLU. Interrupted: rerun with --resume."""
     from convert.predictors_cli import profile_cmd, train_predictors_cmd
-    out = Path(out_dir)
+    from hybrid_runtime.loading import resolve_model
+    if resume and force:
+        raise UserError("--resume and --force contradict each other")
+    from convert.profile import ProfileConfig, check_profile_inputs
+    from hybrid_runtime.session import pick_device
+    src = resolve_model(model)
+    inputs = [("--model", src), *(("--data", f) for f in data_files)]
+    out = check_output_path(out_dir, inputs)
+    pick_device(device)
+    check_profile_inputs(str(src), list(data_files), None, ProfileConfig(
+        tokens=tokens, block_len=block_len, samples_per_layer=samples_per_layer, dtype=dtype))
+    work = check_output_path(work_dir or out.with_name(out.name + ".work"), inputs, what="--work-dir")
+    if work.resolve() == out.resolve() or work.resolve().is_relative_to(out.resolve()) \
+            or out.resolve().is_relative_to(work.resolve()):
+        raise UserError(f"--work-dir {work} and --out {out} must be separate directories")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: output directory exists and is not empty (use --force to overwrite)")
-    work = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    work_used = work.is_dir() and any(work.iterdir())
+    if work_used and not (resume or force):
+        raise UserError(f"{work}: holds an earlier run; continue it with --resume, or start over with --force")
+    if resume and not work_used:
+        raise UserError(f"{work}: no interrupted run to resume")
+    if resume:
+        if not (work / OUTPUT_MARKER).is_file():
+            raise UserError(f"{work}: not written by this tool (no {OUTPUT_MARKER}); choose another --work-dir")
+    else:   # a fresh work directory; --force empties this tool's own (and refuses anyone else's)
+        prepare_output_dir(work, force=force, inputs=inputs, what="--work-dir")
     prof_dir, pred_dir = work / "profile", work / "predictors"
     if (prof_dir / "profile.json").is_file():
         log(f"[1/3] profile: reusing {prof_dir}")
     else:
-        log(f"[1/3] profile -> {prof_dir}")
-        ctx.invoke(profile_cmd, model=model, data_files=data_files, tokens=tokens, out_dir=str(prof_dir),
+        # resumable from its checkpoint; a profile stopped before its first checkpoint starts over
+        can_resume = (prof_dir / "progress.safetensors").is_file()
+        log(f"[1/3] profile -> {prof_dir}" + (" (resuming)" if can_resume else ""))
+        ctx.invoke(profile_cmd, model=str(src), data_files=data_files, tokens=tokens, out_dir=str(prof_dir),
                    samples_per_layer=samples_per_layer, block_len=block_len, device=device, dtype=dtype,
-                   resume=prof_dir.is_dir() and any(prof_dir.iterdir()))
+                   resume=can_resume, force=not can_resume)
         if pred_dir.exists():  # predictors trained on an older profile are stale
             log(f"      removing predictors trained on an earlier profile: {pred_dir}")
             shutil.rmtree(pred_dir)
@@ -117,10 +156,10 @@ def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_le
         log(f"[2/3] train-predictors: reusing {pred_dir}")
     else:
         log(f"[2/3] train-predictors -> {pred_dir}")
-        ctx.invoke(train_predictors_cmd, profile_dir=str(prof_dir), out_dir=str(pred_dir), model=model,
+        ctx.invoke(train_predictors_cmd, profile_dir=str(prof_dir), out_dir=str(pred_dir), model=str(src),
                    recall_target=recall_target, ranks=ranks, max_epochs=max_epochs, device=device,
                    baseline_layers=baseline_layers,
-                   resume=(pred_dir / "partial").is_dir())
+                   resume=(pred_dir / "partial").is_dir(), force=not (pred_dir / "partial").is_dir())
     log(f"[3/3] pack -> {out}")
-    pack(model, str(prof_dir), str(pred_dir), str(out), force)
+    pack(str(src), str(prof_dir), str(pred_dir), str(out), force)
     log(f"wrote hybrid model directory {out} (intermediate results kept in {work})")

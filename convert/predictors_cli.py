@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from hybrid_runtime.errors import UserError, log, prepare_output_dir
+from hybrid_runtime.errors import UserError, check_number, check_output_path, log, prepare_output_dir
 from hybrid_runtime.session import pick_device
 
 METRICS_FORMAT = "hybrid-predictor-metrics"
@@ -173,10 +173,13 @@ def train_predictors_cmd(profile_dir, out_dir, model, recall_target, density_fac
     from predictors.samples import SampleReader
     from predictors.train import TrainConfig, train_all
 
-    if not 0 < recall_target <= 1:
-        raise UserError(f"--recall-target must lie in (0, 1], got {recall_target}")
-    if density_factor < 1:
-        raise UserError(f"--density-factor must be >= 1, got {density_factor}")
+    check_number("--recall-target", recall_target, low=0, high=1, low_open=True)
+    check_number("--density-factor", density_factor, low=1)
+    if max_epochs <= 0:
+        raise UserError(f"--max-epochs must be positive, got {max_epochs}")
+    if max_samples is not None and max_samples < 8:
+        raise UserError(f"--max-samples must be at least 8, got {max_samples}")
+    parsed_ranks = _parse_ranks(ranks)
     prof_dir = Path(profile_dir)
     prof_path = prof_dir / "profile.json"
     if not prof_path.is_file():
@@ -187,7 +190,11 @@ def train_predictors_cmd(profile_dir, out_dir, model, recall_target, density_fac
         prof = json.loads(prof_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{prof_path}: not valid JSON ({e})") from None
-    reader = SampleReader(prof_dir / prof.get("samples", {}).get("dir", "samples"))
+    if not isinstance(prof, dict) or not isinstance(prof.get("model_config"), dict):
+        raise UserError(f"{prof_path}: not a profile (no model_config)")
+    from hybrid_runtime.model_dir import inside
+    samples = prof.get("samples") if isinstance(prof.get("samples"), dict) else {}
+    reader = SampleReader(inside(prof_dir, samples.get("dir", "samples"), "profile.json: 'samples.dir'"))
     mc = prof["model_config"]
     if (reader.n_layers, reader.dim, reader.ffn_dim) != (mc["n_layers"], mc["dim"], mc["ffn_dim"]):
         raise UserError(f"{prof_dir}: sample store shape disagrees with profile.json")
@@ -196,12 +203,15 @@ def train_predictors_cmd(profile_dir, out_dir, model, recall_target, density_fac
             raise UserError(f"{prof_dir}: layer {i} has only {reader.n_samples(i)} samples "
                             "(profile with a larger --samples-per-layer)")
 
-    out = Path(out_dir)
+    base_layers = _parse_layers(baseline_layers, reader.n_layers)
+    dev = str(pick_device(device))
+    model_path = model or prof.get("model")
+    if not model_path:
+        raise UserError(f"{prof_path}: names no model; give --model")
+    out = check_output_path(out_dir, [("--profile", prof_dir), ("--model", model_path)])
     work = out / "partial"
     if not (resume and work.is_dir()):
         prepare_output_dir(out, force)
-    dev = str(pick_device(device))
-    model_path = model or prof["model"]
     log(f"loading {model_path} for the FFN weights")
     import torch
     m = load_model(model_path, device="cpu", dtype=torch.float32 if dev == "cpu" else None)
@@ -211,10 +221,9 @@ def train_predictors_cmd(profile_dir, out_dir, model, recall_target, density_fac
                         f"{(reader.n_layers, reader.dim, reader.ffn_dim)}")
     ffns = [layer.ffn for layer in m.layers]
 
-    cfg = TrainConfig(recall_target=recall_target, density_factor=density_factor, ranks=_parse_ranks(ranks),
+    cfg = TrainConfig(recall_target=recall_target, density_factor=density_factor, ranks=parsed_ranks,
                       bias=bias, max_epochs=max_epochs, max_samples=max_samples, input_kind=input_kind,
                       seed=seed, device=dev)
-    base_layers = _parse_layers(baseline_layers, reader.n_layers)
     pset, metrics = train_all(reader, ffns, cfg, work, resume=resume,
                               baseline_fn=lambda i, data, p: run_baselines(data, p), baseline_layers=base_layers)
     metrics = {"format": METRICS_FORMAT, "version": 1, "profile": str(prof_dir.resolve()), "model": str(model_path),

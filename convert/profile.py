@@ -29,8 +29,10 @@ Output directory:
                             counts / n_tokens; metadata `n_tokens`
   samples/                  the sample store (predictors/samples.py)
   progress.safetensors      checkpoint while running (counts + metadata), removed when done
-Resume (`resume=True`) continues from the last checkpoint; chunks written after it are dropped and
-recomputed, so nothing is lost or duplicated.
+Checkpoints: when the run starts, every `checkpoint_seconds`, and on Ctrl-C / SIGTERM (at the end of
+the batch in flight). Resume (`resume=True`, `--resume`) continues from the last checkpoint; chunks
+written after it are dropped and recomputed, so nothing is lost or duplicated, and the result is the
+same as an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hybrid_runtime.activations import cett_threshold, magnitude_active
-from hybrid_runtime.errors import UserError, log, prepare_output_dir
+from hybrid_runtime.errors import GracefulStop, UserError, check_number, check_output_path, log, prepare_output_dir
 from predictors.samples import SampleWriter
 
 FORMAT_NAME = "hybrid-profile"
@@ -137,19 +139,20 @@ def _save_progress(path: Path, counts: torch.Tensor, state: dict) -> None:
     tmp.replace(path)
 
 
-def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: ProfileConfig,
-                resume: bool = False, force: bool = False) -> dict:
-    """Profile a model; returns the profile.json dict. See the module docstring for the outputs."""
-    from convert.data import load_token_blocks
-    from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, resolve_model
+def check_profile_inputs(model_path: str, data_files: list[str], out_dir: str | None, pcfg: ProfileConfig):
+    """Everything a profile run is given, checked before any work: (model directory, data files, out)."""
+    from hybrid_runtime.loading import parse_dtype, resolve_model
     from hybrid_runtime.model_dir import open_model_dir
-
     if pcfg.tokens <= 0:
         raise UserError(f"--tokens must be positive, got {pcfg.tokens}")
     if pcfg.samples_per_layer < 0:
         raise UserError(f"--samples-per-layer must be >= 0, got {pcfg.samples_per_layer}")
-    if pcfg.cett is not None and not 0 < pcfg.cett < 1:
-        raise UserError(f"--cett must lie in (0, 1), got {pcfg.cett}")
+    check_number("--cett", pcfg.cett, low=0, high=1, low_open=True, high_open=True)
+    for name, v in (("--block-len", pcfg.block_len), ("--batch-size", pcfg.batch_size),
+                    ("--cett-tokens", pcfg.cett_tokens), ("--chunk-rows", pcfg.chunk_rows)):
+        if v <= 0:
+            raise UserError(f"{name} must be positive, got {v}")
+    parse_dtype(pcfg.dtype)
     files = [Path(f) for f in data_files]
     if not files:
         raise UserError("no --data files given")
@@ -159,13 +162,24 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
     model_dir = resolve_model(model_path)
     md = open_model_dir(model_dir)
     mcfg = md.config
+    out = None if out_dir is None else \
+        check_output_path(out_dir, [("--model", model_dir), *(("--data", f) for f in files)])
     if pcfg.cett is None and not mcfg.activation.has_exact_zeros:
         raise UserError(f"{model_dir}: activation {mcfg.act!r} has no exact zeros; pass --cett 0.2 to define "
                         "active neurons by output magnitude (ReLU² paper's CETT), or convert it with ProSparse first")
     if pcfg.block_len > mcfg.max_seq_len:
         raise UserError(f"--block-len {pcfg.block_len} exceeds the model's max_position_embeddings {mcfg.max_seq_len}")
+    return md, files, out
 
-    out = Path(out_dir)
+
+def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: ProfileConfig,
+                resume: bool = False, force: bool = False) -> dict:
+    """Profile a model; returns the profile.json dict. See the module docstring for the outputs."""
+    from convert.data import load_token_blocks
+    from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype
+
+    md, files, out = check_profile_inputs(model_path, data_files, out_dir, pcfg)
+    model_dir, mcfg, run_dtype = md.path, md.config, parse_dtype(pcfg.dtype)
     fp = _fingerprint(mcfg, files, pcfg)
     progress_path, profile_path = out / "progress.safetensors", out / "profile.json"
     state, counts = None, None
@@ -184,7 +198,7 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
         prepare_output_dir(out, force)
 
     device = torch.device(pcfg.device)
-    model = load_model(md, device=device, dtype=parse_dtype(pcfg.dtype))
+    model = load_model(md, device=device, dtype=run_dtype)
     tokenizer = load_tokenizer(model_dir)
     blocks = torch.as_tensor(load_token_blocks([str(f) for f in files], tokenizer, pcfg.block_len,
                                                pcfg.split, pcfg.tokens))
@@ -247,7 +261,9 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
 
     cache_batch = 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), GracefulStop() as stop:
+            if state is None:
+                checkpoint()     # from here on every interruption is resumable (--resume)
             while blocks_done < n_blocks:
                 toks = blocks[blocks_done:blocks_done + pcfg.batch_size].to(device)  # (B, T)
                 B = toks.shape[0]
@@ -260,6 +276,10 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
                 bar.update(B * T)
                 dens = float(counts.sum()) / (blocks_done * T * L * f)
                 bar.set_postfix(density=f"{dens:.4f}", samples=writer.rows(0))
+                if stop.requested:   # Ctrl-C / SIGTERM: keep everything up to this batch
+                    checkpoint()
+                    log(f"profile stopped after {blocks_done} of {n_blocks} blocks; continue with --resume")
+                    raise KeyboardInterrupt
                 if time.perf_counter() - last_ckpt > pcfg.checkpoint_seconds:
                     checkpoint()
                     last_ckpt = time.perf_counter()

@@ -17,7 +17,7 @@ from convert.prosparse import (PRESETS, TOKENIZER_FILES, LambdaSchedule, load_hf
 from convert.threshold import apply_threshold, search_threshold
 from hybrid_runtime.session import pick_device
 from convert.train import LossShaping, TrainConfig, has_checkpoint, train
-from hybrid_runtime.errors import UserError, prepare_output_dir
+from hybrid_runtime.errors import OUTPUT_MARKER, UserError, check_number, check_output_path, prepare_output_dir
 
 RUN_ARGS = "run_args.json"          # the run's arguments, for --resume
 BASELINE_EVAL = "baseline_eval.json"  # the source model's evaluation, kept across a resume
@@ -74,6 +74,9 @@ def _check_out_free(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         hint = " or --resume to continue an interrupted run" if (out / RUN_ARGS).is_file() else ""
         raise UserError(f"{out}: output directory exists and is not empty (use --force to overwrite{hint})")
+    if force and out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file():
+        raise UserError(f"{out}: not empty and not written by this product (no {OUTPUT_MARKER}); --force only "
+                        "replaces this product's own output directories: choose another output")
 
 
 def _jsonable(v):
@@ -161,6 +164,19 @@ def run_prosparse(kw: dict) -> dict:
     for f in kw["data"]:
         if not Path(f).is_file():
             raise UserError(f"{f}: data file not found")
+    inputs = [("--model", kw["model_dir"]), *(("--data", f) for f in kw["data"])]
+    if kw["schedule"] and Path(kw["schedule"]).is_file():
+        inputs.append(("--schedule", kw["schedule"]))
+    check_output_path(out, inputs)
+    for name in ("lambda_scale", "lr", "weight_decay", "min_lr_ratio", "max_loss_increase", "threshold"):
+        check_number("--" + name.replace("_", "-"), kw[name])
+    for name in ("block_len", "batch_size", "grad_accum", "eval_tokens"):
+        if kw[name] <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {kw[name]}")
+    if kw["save_every"] < 0:
+        raise UserError(f"--save-every must be >= 0, got {kw['save_every']}")
+    if not kw["lambda_scale"] >= 0:
+        raise UserError(f"--lambda-scale must be >= 0, got {kw['lambda_scale']}")
     schedule, steps = resolve_schedule(kw["schedule"], kw["lambdas"], kw["boundaries"], kw["steps"],
                                        kw["lambda_scale"])
     if kw["threshold"] is not None:
@@ -201,7 +217,7 @@ def run_prosparse(kw: dict) -> dict:
          f"{steps} steps x {cfg.batch_size * cfg.grad_accum * kw['block_len']} tokens")
 
     if not resume:
-        prepare_output_dir(out, kw["force"])
+        prepare_output_dir(out, kw["force"], inputs)
         (out / RUN_ARGS).write_text(json.dumps({k: _jsonable(v) for k, v in kw.items()}, indent=1))
 
     model = load_hf_model(kw["model_dir"], dtype=DTYPES[kw["dtype"]], device=device)
@@ -296,12 +312,15 @@ def run_prosparse(kw: dict) -> dict:
 def eval_cmd(model_dir, data, split, tokens, block_len, batch_size, method, cett_bound, dtype, device,
              json_out, force) -> None:
     """Held-out perplexity and activation sparsity (overall and per layer) of a LLaMA-family checkpoint."""
+    if json_out:
+        check_output_path(json_out, [("--model", model_dir), *(("--data", f) for f in data)], what="--json",
+                          kind="file")
     if json_out and Path(json_out).exists() and not force:
         raise UserError(f"{json_out}: exists (use --force to overwrite)")
-    if not 0 < cett_bound < 1:
-        raise UserError(f"--cett-bound must be in (0, 1) (got {cett_bound})")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {batch_size})")
+    check_number("--cett-bound", cett_bound, low=0, high=1, low_open=True, high_open=True)
+    for name, v in (("--batch-size", batch_size), ("--block-len", block_len), ("--tokens", tokens)):
+        if v < 1:
+            raise UserError(f"{name} must be >= 1 (got {v})")
     for f in data:
         if not Path(f).is_file():
             raise UserError(f"{f}: data file not found")

@@ -15,6 +15,17 @@ PLAIN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m
 
 
 
+def as_text(raw: bytes | str, what: str) -> str:
+    """User text as valid UTF-8: undecodable bytes (from a terminal or a file in another encoding) become
+    U+FFFD replacement characters, said once on stderr; generation goes on."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")   # how Python hands over argv bytes it could not decode
+    text = raw.decode("utf-8", "replace")
+    if "\ufffd" in text and "\ufffd".encode() not in raw:
+        log(f"note: {what} is not valid UTF-8; undecodable bytes were replaced by U+FFFD")
+    return text
+
+
 def emit(text: str) -> None:
     """Stream generated text to stdout as it is produced."""
     sys.stdout.write(text)
@@ -68,12 +79,16 @@ def sampling_options(f):
 
 def _open(model, device, dtype, threads, context, mode, gpu_memory, hot_fraction, cold_format):
     from hybrid_runtime.session import open_model
-    lm = open_model(model, device=device, dtype=dtype, threads=threads, context=context, mode=mode,
-                    gpu_memory=gpu_memory, hot_fraction=hot_fraction, cold_format=cold_format)
+    return open_model(model, device=device, dtype=dtype, threads=threads, context=context, mode=mode,
+                      gpu_memory=gpu_memory, hot_fraction=hot_fraction, cold_format=cold_format)
+
+
+def _describe(lm) -> None:
+    """What runs where, on stderr (after the inputs are known to be good: an error stays one line)."""
+    log(lm.dtypes)
     log(f"model: {lm.path} ({lm.config.architecture}, {lm.config.n_layers} layers, act={lm.config.act}) "
         f"on {lm.device} as {str(lm.dtype).replace('torch.', '')}, context {lm.context}, mode {lm.mode}"
         f"{', CUDA graph decode' if lm.decode_step else ''}")
-    return lm
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,11 +103,12 @@ def main_group(debug: bool) -> None:
 @click.option("--prompt", "-p", required=True, help="Prompt text; '-' reads it from stdin.")
 def generate(params, prompt, **model_kw):
     """Generate a continuation of PROMPT, streaming it to stdout."""
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = as_text(sys.stdin.buffer.read() if prompt == "-" else prompt, "the prompt")
     lm = _open(**model_kw)
     ids = lm.tokenizer(prompt, add_special_tokens=True).input_ids
     gen = lm.generator()
+    gen.check_prompt(ids)
+    _describe(lm)
     result = gen.generate(ids, params, on_text=emit)
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -106,6 +122,7 @@ def generate(params, prompt, **model_kw):
 def chat(params, system, **model_kw):
     """Multi-turn chat on stdin/stdout. /reset clears the history, /exit quits; Ctrl-C stops an answer."""
     lm = _open(**model_kw)
+    _describe(lm)
     tok = lm.tokenizer
     template = getattr(tok, "chat_template", None)
     if not template:
@@ -120,12 +137,12 @@ def chat(params, system, **model_kw):
             sys.stderr.write("> ")
             sys.stderr.flush()
         try:
-            line = sys.stdin.readline()
+            line = sys.stdin.buffer.readline()
         except KeyboardInterrupt:
             break
         if not line:
             break
-        msg = line.strip()
+        msg = as_text(line, "this message").strip()
         if not msg:
             continue
         if msg == "/exit":
@@ -151,9 +168,11 @@ def chat(params, system, **model_kw):
 
 
 @main_group.command()
-@model_options
+@click.option("--model", "-m", "model", default=None,
+              help="Model directory, alias or HF repo id (local cache only). Default: the embedded demo model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
-def info(model, as_json, **_unused):
+@click.option("--debug", is_flag=True, hidden=True)
+def info(model, as_json, debug):
     """Architecture, size, dtype, activation, sparsity metadata and available kernels."""
     from hybrid_runtime.info import model_info
     data = model_info(model)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hybrid_runtime.errors import UserError
+from hybrid_runtime.errors import UserError, check_number
 
 
 @dataclass
@@ -27,14 +27,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise UserError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        check_number("--temperature", self.temperature, low=0)
         if self.top_k < 0:
             raise UserError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        check_number("--top-p", self.top_p, low=0, high=1, low_open=True)
+        check_number("--repetition-penalty", self.repetition_penalty, low=0, low_open=True)
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise UserError(f"--seed must be in [0, 2^63), got {self.seed}")
+        if any(s == "" for s in self.stop):
+            raise UserError("--stop: an empty stop string would stop at once")
 
 
 @dataclass
@@ -161,14 +162,18 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # deliberate: timing boundary
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """UserError for a prompt that cannot be generated from (empty, or not shorter than the context)."""
         if not prompt_ids:
             raise UserError("the prompt is empty (no tokens)")
         if len(prompt_ids) >= self.context:
             raise UserError(f"the prompt is {len(prompt_ids)} tokens but the context is {self.context} "
                             "tokens (raise --context, up to the model's max_position_embeddings)")
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        self.check_prompt(prompt_ids)
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)

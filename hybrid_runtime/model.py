@@ -78,6 +78,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict; UserError names the offending field."""
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise UserError(f"config.json: field 'architectures' must be a list of names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                        "minicpm": "MiniCPMForCausalLM"}.get(hf.get("model_type"), "")
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -85,40 +87,94 @@ class ModelConfig:
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "vocab_size"):
-            if not isinstance(hf.get(key), int) or hf[key] <= 0:
+            if not _is_int(hf.get(key)) or hf[key] <= 0:
                 raise UserError(f"config.json: field {key!r} missing or not a positive integer")
         if hf.get("mlp_bias"):
             raise UserError("config.json: mlp_bias=true is not supported")
         activation = Activation.from_hf(hf.get("hidden_act", "silu"), hf.get("hidden_act_param"))
         # transformers >= 5 stores RoPE settings in `rope_parameters`; older configs use
         # `rope_theta` + `rope_scaling` (with "type" or "rope_type").
-        rope = dict(hf.get("rope_parameters") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        scaling = dict(hf.get("rope_scaling") or {}) or rope
+        rope = _field(hf, "rope_parameters", dict, {}) or {}
+        rope = dict(rope)
+        rope_theta = _number("rope_theta", rope.pop("rope_theta", hf.get("rope_theta", 10000.0)), positive=True)
+        scaling = dict(_field(hf, "rope_scaling", dict, None) or {}) or rope
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type in ("default", None):
             scaling = None
         elif rope_type in ("linear", "llama3"):
+            _number("rope_scaling.factor", scaling.get("factor"), positive=True)
+            if rope_type == "llama3":
+                _number("rope_scaling.original_max_position_embeddings",
+                        scaling.get("original_max_position_embeddings"), positive=True)
+                for k in ("low_freq_factor", "high_freq_factor"):
+                    if k in scaling:
+                        _number(f"rope_scaling.{k}", scaling[k], positive=True)
             scaling = {**scaling, "rope_type": rope_type}
         else:
             raise UserError(f"config.json: rope scaling type {rope_type!r} is not supported "
                             "(supported: default, linear, llama3)")
         eos = hf.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eos_ids = [eos] if _is_int(eos) else eos if isinstance(eos, list) else [] if eos is None else None
+        if eos_ids is None or not all(_is_int(e) and e >= 0 for e in eos_ids):
+            raise UserError(f"config.json: field 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+        bos = hf.get("bos_token_id")
+        if bos is not None and not (_is_int(bos) and bos >= 0):
+            raise UserError(f"config.json: field 'bos_token_id' must be a token id, got {bos!r}")
         n_heads = hf["num_attention_heads"]
+        n_kv = _field(hf, "num_key_value_heads", int, None) or n_heads
+        head_dim = _field(hf, "head_dim", int, None) or 0
+        if n_kv <= 0 or head_dim < 0:
+            raise UserError("config.json: fields 'num_key_value_heads' and 'head_dim' must be positive")
+        if not head_dim and hf["hidden_size"] % n_heads:
+            raise UserError(f"config.json: hidden_size {hf['hidden_size']} is not a multiple of "
+                            f"num_attention_heads {n_heads} (and no head_dim is given)")
+        sliding = _field(hf, "sliding_window", int, None) if arch == "MistralForCausalLM" else None
+        if sliding is not None and sliding <= 0:
+            raise UserError(f"config.json: field 'sliding_window' must be positive, got {sliding}")
+        scale_depth = hf.get("scale_depth")
+        dim_model_base = _field(hf, "dim_model_base", int, None)
+        if dim_model_base is not None and dim_model_base <= 0:
+            raise UserError(f"config.json: field 'dim_model_base' must be positive, got {dim_model_base}")
         return cls(
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim") or 0,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=rope_theta, rope_scaling=scaling,
-            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "MiniCPMForCausalLM")),
-            act=activation.name, act_threshold=activation.threshold, attention_bias=bool(hf.get("attention_bias", False)),
-            sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
-            scale_emb=float(hf.get("scale_emb", 1.0) or 1.0), scale_depth=hf.get("scale_depth"),
-            dim_model_base=hf.get("dim_model_base"), architecture=arch,
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
+            n_kv_heads=n_kv, ffn_dim=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"], head_dim=head_dim,
+            norm_eps=_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-5), positive=True),
+            rope_theta=rope_theta, rope_scaling=scaling,
+            max_seq_len=_field(hf, "max_position_embeddings", int, 2048, positive=True),
+            tie_embeddings=_field(hf, "tie_word_embeddings", bool, arch == "MiniCPMForCausalLM"),
+            act=activation.name, act_threshold=activation.threshold,
+            attention_bias=_field(hf, "attention_bias", bool, False),
+            sliding_window=sliding,
+            scale_emb=_number("scale_emb", hf.get("scale_emb", 1.0) or 1.0, positive=True),
+            scale_depth=None if scale_depth is None else _number("scale_depth", scale_depth, positive=True),
+            dim_model_base=dim_model_base, architecture=arch,
+            bos_token_id=bos, eos_token_ids=eos_ids,
         )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(key: str, v, positive: bool = False) -> float:
+    """A config.json number (int or float, finite; > 0 if positive)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+        raise UserError(f"config.json: field {key!r} must be a {'positive ' if positive else ''}number, got {v!r}")
+    return float(v)
+
+
+def _field(hf: dict, key: str, kind: type, default, positive: bool = False):
+    """hf[key] checked to be of `kind` (null counts as missing: the default)."""
+    v = hf.get(key)
+    if v is None:
+        return default
+    ok = _is_int(v) if kind is int else isinstance(v, kind)
+    if not ok or (positive and v <= 0):
+        what = {int: "an integer", bool: "true or false", dict: "an object"}[kind]
+        raise UserError(f"config.json: field {key!r} must be {'a positive integer' if positive else what}, "
+                        f"got {v!r}")
+    return v
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -144,14 +144,18 @@ class HybridMeta:
         """The dtype the weights are stored in ("float16", "bfloat16", "float32")."""
         return str(self.raw.get("dtype", "bfloat16"))
 
+    @property
+    def stats_file(self) -> Path:
+        return inside(self.path, self.raw["neuron_stats"], "hybrid.json: 'neuron_stats'")
+
     def frequencies(self) -> list[np.ndarray]:
         """Per layer (f,) activation frequencies, sorted descending (the stored neuron order)."""
         from safetensors.numpy import load_file
-        stats = inside(self.path, self.raw["neuron_stats"], "hybrid.json: 'neuron_stats'")
-        if not stats.is_file():
-            raise UserError(f"{stats}: missing (listed in hybrid.json)")
-        data = load_file(str(stats))
-        return [data[f"layers.{i}.frequency"] for i in range(self.n_layers)]
+        try:
+            data = load_file(str(self.stats_file))
+            return [data[f"layers.{i}.frequency"] for i in range(self.n_layers)]
+        except Exception as e:
+            raise UserError(f"{self.stats_file}: unreadable neuron statistics ({str(e).splitlines()[0]})") from None
 
 
 def read_hybrid_meta(path: Path) -> HybridMeta:
@@ -173,9 +177,9 @@ def read_hybrid_meta(path: Path) -> HybridMeta:
     if not isinstance(raw["n_layers"], int) or raw["n_layers"] <= 0:
         raise UserError(f"{meta_path}: field 'n_layers' must be a positive integer, got {raw['n_layers']!r}")
     meta = HybridMeta(Path(path), raw)
-    weights = meta.weights_file
-    if not weights.is_file():
-        raise UserError(f"{weights}: missing (listed in hybrid.json)")
+    for listed in (meta.weights_file, meta.stats_file):
+        if not listed.is_file():
+            raise UserError(f"{listed}: missing (listed in hybrid.json)")
     if meta.predictors_file is not None and not meta.predictors_file.is_file():
         raise UserError(f"{meta.predictors_file}: missing (listed in hybrid.json); re-run "
                         "`hybrid-convert pack` with --predictors, or run with --exact")

@@ -85,27 +85,31 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
                gpu_memory: str | None = None, hot_fraction: float | None = None,
                cold_format: str | None = None, cuda_graph: bool = True) -> LoadedModel:
     """Open a plain HF checkpoint (dense) or a hybrid model directory (predictor/exact/dense)."""
-    md = open_model_dir(resolve_model(name) if name else default_model_dir())
-    path, cfg = md.path, md.config
+    from hybrid_runtime.placement import parse_size
+    # every flag is checked before the model is read
+    if mode is not None and mode not in MODES:
+        raise UserError(f"unknown mode {mode!r} (use one of: {', '.join(MODES)})")
+    if context is not None and context < 2:
+        raise UserError(f"--context must be >= 2, got {context}")
+    if hot_fraction is not None and not 0.0 <= hot_fraction <= 1.0:
+        raise UserError(f"--hot-fraction must be in [0, 1], got {hot_fraction}")
+    if gpu_memory is not None:
+        parse_size(gpu_memory)
+    run_dtype = parse_dtype(dtype)
     dev = pick_device(device)
     set_threads(threads)
+    md = open_model_dir(resolve_model(name) if name else default_model_dir())
+    path, cfg = md.path, md.config
     ctx = context or min(cfg.max_seq_len, 4096)
-    if ctx < 2:
-        raise UserError(f"--context must be >= 2, got {ctx}")
     if ctx > cfg.max_seq_len:
         log(f"warning: --context {ctx} is beyond the model's max_position_embeddings "
             f"({cfg.max_seq_len}); quality may degrade")
-    if mode is not None and mode not in MODES:
-        raise UserError(f"unknown mode {mode!r} (use one of: {', '.join(MODES)})")
     if mode in ("predictor", "exact") and not md.is_hybrid:
         raise UserError(f"{path}: --{mode} needs a hybrid model directory (hybrid.json); make one with "
                         "`hybrid-convert all`, or run this checkpoint with --dense")
     mode = mode or ("predictor" if md.is_hybrid and md.hybrid.predictors_file else
                     "exact" if md.is_hybrid else "dense")
-    if hot_fraction is not None and not 0.0 <= hot_fraction <= 1.0:
-        raise UserError(f"--hot-fraction must be in [0, 1], got {hot_fraction}")
     tokenizer = load_tokenizer(path)
-    run_dtype = parse_dtype(dtype)
     placement = None
     if mode == "dense":
         if gpu_memory or hot_fraction is not None:
@@ -123,7 +127,6 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
         model = build_hybrid_model(md, hot_counts, dev, dtype=run_dtype, mode=mode, cold_format=fmt)
         dtypes = (f"dtype: {_dtype_name(run_dtype)} on {dev.type} (attention, predictors, hot rows); "
                   f"cold rows {fmt} on the CPU (stored {_dtype_name(md.dtype)})")
-    log(dtypes)
     model.setup_cache(max_batch=1, max_seq_len=ctx)
     model_dtype = model.tok_embeddings.weight.dtype
     decode_step = None

@@ -112,6 +112,7 @@ def test_missing_predictors_and_unknown_version(packed, tmp_path):
     with pytest.raises(UserError, match="model.safetensors: missing"):
         read_hybrid_meta(bad)
     shutil.copy(hyb / "model.safetensors", bad / "model.safetensors")
+    shutil.copy(hyb / "neuron_stats.safetensors", bad / "neuron_stats.safetensors")
     (bad / "hybrid.json").write_text(json.dumps({**meta, "predictors": "predictors.safetensors"}))
     with pytest.raises(UserError, match="predictors.safetensors: missing"):
         read_hybrid_meta(bad)
