@@ -135,7 +135,7 @@ def _sparse_ffn_rows_8way(gate, up, down, gate_scale, up_scale, down_scale, fmt,
     _dot_rows_8way(up, up_scale, fmt, live[:n_live], x, u)
     n_out = 0
     for i in range(n_live):
-        ai = _combine(a[i], u[i], act)
+        ai = _combine(a[i], u[i], act, threshold)
         if ai != 0:
             live[n_out] = live[i]
             a[n_out] = ai

@@ -133,3 +133,118 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, sparsi
     result["sparsity"] = head["mean"]
     result["sparsity_per_layer"] = head["per_layer"]
     return result
+
+
+# ----------------------------------------------------------------------------- the runtime's modes
+
+EVAL_MODES = ("dense", "exact", "predictor")
+
+
+def _greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens after prompt (T,), with the model's KV cache (decode semantics)."""
+    T = prompt.shape[0]
+    model.setup_cache(1, T + n)
+    logits = model(prompt[None], torch.arange(T))[0, -1]
+    out = []
+    for i in range(n):
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        logits = model(torch.tensor([[nxt]]), torch.tensor([T + i]))[0, -1]
+    return out
+
+
+@torch.no_grad()
+def evaluate_modes(model_dir, blocks: torch.Tensor, modes=EVAL_MODES, batch_size: int = 4,
+                   free_prompts: int = 4, free_prompt_len: int = 16, free_tokens: int = 32,
+                   progress: bool = False) -> dict:
+    """Held-out perplexity of the runtime's modes on the same blocks (N, T), through this engine in fp32
+    with `hybrid.ReferenceFFN` (each token's own predictor mask and magnitude cut, what decoding computes):
+    per mode the loss, perplexity and its change against dense, FFN sparsity (neurons whose down row is
+    used: a != 0), per-layer true / predicted density and predictor recall, and greedy agreement with
+    dense, teacher-forced (every position of the text) and free-running (greedy continuations of the
+    first `free_prompt_len` tokens of `free_prompts` blocks)."""
+    from hybrid_runtime.errors import UserError
+    from hybrid_runtime.hybrid import ReferenceFFN
+    from hybrid_runtime.loading import load_model
+    from hybrid_runtime.model_dir import open_model_dir
+    md = open_model_dir(model_dir)
+    cfg = md.config
+    modes = list(dict.fromkeys(["dense", *modes]))
+    unknown = [m for m in modes if m not in EVAL_MODES]
+    if unknown:
+        raise UserError(f"--mode {unknown[0]!r}: use {', '.join(EVAL_MODES)}")
+    acts = md.hybrid.layer_activations(cfg.activation) if md.is_hybrid else [cfg.activation] * cfg.n_layers
+    if "exact" in modes and not all(a.has_exact_zeros for a in acts):
+        raise UserError(f"{md.path}: --mode exact needs exact zeros (a ReLU-family model, or a hybrid directory "
+                        "with a magnitude cut: hybrid-convert all --cett)")
+    preds = None
+    if "predictor" in modes:
+        if md.hybrid is None or md.hybrid.predictors_file is None:
+            raise UserError(f"{md.path}: --mode predictor needs a hybrid model directory with predictors")
+        from predictors.model import PredictorSet
+        preds = PredictorSet.load(md.hybrid.predictors_file)
+    model = load_model(md, dtype=torch.float32)
+    dense_ffns = [layer.ffn for layer in model.layers]
+    n_tok = blocks.shape[0] * (blocks.shape[1] - 1)
+    res: dict = {"model": str(md.path), "activation": acts[0].describe() if acts else cfg.act,
+                 "tokens": n_tok, "blocks": list(blocks.shape), "modes": {}}
+    dense_argmax, dense_free = [], []
+    prompts = blocks[:free_prompts, :free_prompt_len]
+    for mode in modes:
+        for i, layer in enumerate(model.layers):
+            layer.ffn = ReferenceFFN(dense_ffns[i], acts[i], mode,
+                                     preds.layers[i] if mode == "predictor" else None,
+                                     preds is not None and preds.input_kind == "residual")
+        total, agree = 0.0, 0
+        it = range(0, blocks.shape[0], batch_size)
+        for k, b in enumerate(tqdm(it, desc=f"eval {mode}", disable=not progress, dynamic_ncols=True)):
+            x = blocks[b:b + batch_size]
+            model.setup_cache(x.shape[0], x.shape[1])
+            logits = model(x, torch.arange(x.shape[1]))[:, :-1]                     # (B, T-1, V)
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             x[:, 1:].reshape(-1), reduction="sum"))
+            am = logits.argmax(-1)
+            if mode == "dense":
+                dense_argmax.append(am)
+            else:
+                agree += int((am == dense_argmax[k]).sum())
+        counts = torch.stack([layer.ffn.counts for layer in model.layers])     # (L, 5)
+        free = [_greedy(model, p, free_tokens) for p in prompts]
+        if mode == "dense":
+            dense_free = free
+        tokens, computed, active, predicted, hit = counts.T
+        f = cfg.ffn_dim
+        loss = total / n_tok
+        row = {"loss": loss, "perplexity": math.exp(loss),
+               "ffn_sparsity": float(1 - (computed / (tokens * f)).mean()),
+               "per_layer": [{"sparsity": float(1 - c / (t * f)), "true_density": float(a / (t * f)),
+                              "predicted_density": float(p / (t * f)),
+                              "recall": float(h / a) if a else None}
+                             for t, c, a, p, h in counts.tolist()]}
+        if mode != "dense":
+            dense = res["modes"]["dense"]
+            row["perplexity_vs_dense"] = row["perplexity"] / dense["perplexity"] - 1
+            row["teacher_forced_agreement"] = agree / n_tok
+            same = [sum(a == b for a, b in zip(s, d)) / free_tokens for s, d in zip(free, dense_free)]
+            first = [next((j for j, (a, b) in enumerate(zip(s, d)) if a != b), free_tokens)
+                     for s, d in zip(free, dense_free)]
+            row["free_running"] = {"prompts": len(free), "tokens": free_tokens,
+                                   "agreement": sum(same) / max(len(same), 1),
+                                   "tokens_before_first_difference": sum(first) / max(len(first), 1)}
+        if mode == "predictor":
+            rec = [r["recall"] for r in row["per_layer"] if r["recall"] is not None]
+            row["predictor_recall"] = sum(rec) / max(len(rec), 1)
+            row["predicted_density"] = float((predicted / (tokens * f)).mean())
+        res["modes"][mode] = row
+    return res
+
+
+def format_modes_table(res: dict) -> str:
+    rows = ["mode        perplexity  vs dense  FFN sparsity  recall  teacher-forced  free-running"]
+    for mode, r in res["modes"].items():
+        rows.append(f"{mode:<10s}  {r['perplexity']:10.3f}  {100 * r.get('perplexity_vs_dense', 0):+7.2f}%  "
+                    f"{100 * r['ffn_sparsity']:11.2f}%  "
+                    f"{r['predictor_recall'] if 'predictor_recall' in r else float('nan'):6.3f}  "
+                    f"{100 * r.get('teacher_forced_agreement', 1):13.1f}%  "
+                    f"{100 * r.get('free_running', {}).get('agreement', 1):11.1f}%")
+    return "\n".join(rows)

@@ -99,6 +99,9 @@ def pack_cmd(model, profile_dir, predictors_dir, out_dir, force):
 @click.option("--max-epochs", type=int, default=50, show_default=True)
 @click.option("--baseline-layers", default="none", show_default=True,
               help="Layers to compare against the scikit-learn baselines (as in train-predictors).")
+@click.option("--cett", type=float, default=None,
+              help="Define active neurons by output magnitude at this CETT (e.g. 0.2; required for SiLU models): "
+                   "per-layer cuts calibrated on the calibration text, recorded in hybrid.json.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True,
               help="Dtype of the model while profiling: auto, float32, bfloat16, float16 (float32 on the CPU "
@@ -109,7 +112,7 @@ def pack_cmd(model, profile_dir, predictors_dir, out_dir, force):
 @click.option("--force", is_flag=True, help="Start over: replace --out and the work directory (this tool's own).")
 @click.pass_context
 def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_len, recall_target, ranks,
-            max_epochs, baseline_layers, device, dtype, work_dir, resume, force):
+            max_epochs, baseline_layers, cett, device, dtype, work_dir, resume, force):
     """profile -> train-predictors -> pack, for a model that is already ReLU. Interrupted: rerun with --resume."""
     from convert.predictors_cli import profile_cmd, train_predictors_cmd
     from hybrid_runtime.loading import resolve_model
@@ -122,7 +125,7 @@ def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_le
     out = check_output_path(out_dir, inputs)
     pick_device(device)
     check_profile_inputs(str(src), list(data_files), None, ProfileConfig(
-        tokens=tokens, block_len=block_len, samples_per_layer=samples_per_layer, dtype=dtype))
+        tokens=tokens, block_len=block_len, samples_per_layer=samples_per_layer, dtype=dtype, cett=cett))
     work = check_output_path(work_dir or out.with_name(out.name + ".work"), inputs, what="--work-dir")
     if work.resolve() == out.resolve() or work.resolve().is_relative_to(out.resolve()) \
             or out.resolve().is_relative_to(work.resolve()):
@@ -148,7 +151,7 @@ def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_le
         log(f"[1/3] profile -> {prof_dir}" + (" (resuming)" if can_resume else ""))
         ctx.invoke(profile_cmd, model=str(src), data_files=data_files, tokens=tokens, out_dir=str(prof_dir),
                    samples_per_layer=samples_per_layer, block_len=block_len, device=device, dtype=dtype,
-                   resume=can_resume, force=not can_resume)
+                   cett=cett, resume=can_resume, force=not can_resume)
         if pred_dir.exists():  # predictors trained on an older profile are stale
             log(f"      removing predictors trained on an earlier profile: {pred_dir}")
             shutil.rmtree(pred_dir)

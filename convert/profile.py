@@ -164,6 +164,9 @@ def check_profile_inputs(model_path: str, data_files: list[str], out_dir: str | 
     mcfg = md.config
     out = None if out_dir is None else \
         check_output_path(out_dir, [("--model", model_dir), *(("--data", f) for f in files)])
+    if pcfg.cett is not None and mcfg.act != "silu":
+        raise UserError(f"--cett defines active neurons by output magnitude, for SiLU models; this model is "
+                        f"{mcfg.act}, whose inactive neurons are exact zeros already: drop --cett")
     if pcfg.cett is None and not mcfg.activation.has_exact_zeros:
         raise UserError(f"{model_dir}: activation {mcfg.act!r} has no exact zeros; pass --cett 0.2 to define "
                         "active neurons by output magnitude (ReLU² paper's CETT), or convert it with ProSparse first")

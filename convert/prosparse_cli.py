@@ -308,10 +308,15 @@ def run_prosparse(kw: dict) -> dict:
               help="Default: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Also write the results to this JSON file.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["dense", "exact", "predictor"]),
+              help="Evaluate the runtime's modes through this engine (repeatable; default for a hybrid model "
+                   "directory: every mode it has): perplexity, FFN sparsity, predictor recall and density, "
+                   "greedy agreement with dense, on the same text.")
 @click.option("--force", is_flag=True, help="Overwrite --json.")
 def eval_cmd(model_dir, data, split, tokens, block_len, batch_size, method, cett_bound, dtype, device,
-             json_out, force) -> None:
-    """Held-out perplexity and activation sparsity (overall and per layer) of a LLaMA-family checkpoint."""
+             json_out, modes, force) -> None:
+    """Held-out perplexity and activation sparsity (overall and per layer) of a LLaMA-family checkpoint,
+    or of the runtime's dense / exact / predictor modes (--mode; a hybrid model directory)."""
     if json_out:
         check_output_path(json_out, [("--model", model_dir), *(("--data", f) for f in data)], what="--json",
                           kind="file")
@@ -328,6 +333,22 @@ def eval_cmd(model_dir, data, split, tokens, block_len, batch_size, method, cett
     max_pos = raw.get("max_position_embeddings")
     if max_pos is not None and block_len > max_pos:
         raise UserError(f"--block-len {block_len} exceeds the model's max_position_embeddings {max_pos}")
+    from hybrid_runtime.model_dir import open_model_dir
+    md = open_model_dir(model_dir)
+    if modes or md.is_hybrid:
+        from convert.evaluate import evaluate_modes, format_modes_table
+        if not modes:
+            modes = ("exact", "predictor") if md.hybrid.predictors_file else ("exact",)
+        if device not in ("auto", "cpu") or dtype not in (None, "float32"):
+            raise UserError("--mode evaluates on the CPU in float32 (the reference arithmetic); drop --device/--dtype")
+        blocks = load_token_blocks(data, load_tokenizer(model_dir), block_len, split, max_tokens=tokens)
+        res = evaluate_modes(md, blocks, modes, batch_size, progress=True)
+        res = {"data": list(data), "split": split, "block_len": block_len, **res}
+        click.echo(f"{model_dir}: {res['activation']}, {res['tokens']} {split} tokens")
+        click.echo(format_modes_table(res))
+        if json_out:
+            Path(json_out).write_text(json.dumps(res, indent=1))
+        return
     dev = pick_device(device)
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(model_dir)

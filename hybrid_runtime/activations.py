@@ -16,6 +16,11 @@ and down rows of active neurons only, which equals the dense FFN (the skipped te
 SiLU (and any activation without exact zeros) is sparse only by magnitude: neuron i is active when
 |a_i| * ||down_i|| > eps_l, with eps_l per layer calibrated so that the cumulative error of tail
 truncation (CETT, the ReLU^2 paper) is a chosen fraction (`cett_threshold`, `magnitude_active`).
+A hybrid directory of such a model stores up_i * ||down_i|| and down_i / ||down_i|| (the same
+function: a is linear in u), so |a_i| is the neuron's output magnitude and the cut is one scalar per
+layer: `Activation(name, eps=eps_l)` computes a_i where |a_i| > eps_l and 0 elsewhere. That is what
+`--exact` computes for it (the true magnitude-thresholded FFN, not the dense SiLU FFN; `--dense` is
+the original model), and `--predictor` computes it over the predicted neurons only.
 
 The Numba kernels take `Activation.kernel_code` (ACT_*); the CUDA binding takes the name and
 threshold (cuda/sparse_ffn.cpp maps them to the same codes).
@@ -38,7 +43,7 @@ HF_NAMES = {"silu": "silu", "swish": "silu", "relu": "relu", "fatrelu": "fatrelu
             "relu2": "relu2", "relu_squared": "relu2", "drelu": "drelu"}
 
 # kernel codes (the `act` argument of the Numba kernels, and cuda/sparse_ffn.cpp's enum order)
-ACT_RELU, ACT_FATRELU, ACT_RELU2, ACT_DRELU = 0, 1, 2, 3
+ACT_RELU, ACT_FATRELU, ACT_RELU2, ACT_DRELU, ACT_SILU_MAGNITUDE = 0, 1, 2, 3, 4
 _KERNEL_CODES = {"relu": ACT_RELU, "fatrelu": ACT_FATRELU, "relu2": ACT_RELU2, "drelu": ACT_DRELU}
 
 
@@ -52,9 +57,11 @@ def _identity(u: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Activation:
-    """One FFN activation: `name` (see NAMES) and FATReLU's threshold t (0 for the others)."""
+    """One FFN activation: `name` (see NAMES), FATReLU's threshold t (0 for the others), and for SiLU
+    an optional magnitude cut `eps` (|a| <= eps counts as zero; see the module docstring)."""
     name: str
     threshold: float = 0.0
+    eps: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
@@ -64,6 +71,11 @@ class Activation:
             raise UserError(f"activation threshold must be a finite number >= 0, got {self.threshold!r}")
         if self.threshold and self.name != "fatrelu":
             raise UserError(f"a threshold applies to fatrelu only (got {self.name} with threshold {self.threshold})")
+        if self.eps is not None:
+            if self.name != "silu":
+                raise UserError(f"a magnitude cut applies to silu models only (got {self.name})")
+            if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+                raise UserError(f"magnitude threshold must be a finite number >= 0, got {self.eps!r}")
 
     @classmethod
     def from_hf(cls, hidden_act, hidden_act_param=None) -> "Activation":
@@ -82,7 +94,16 @@ class Activation:
 
     @property
     def has_exact_zeros(self) -> bool:
-        return self.name in EXACT_ZERO
+        """Inactive neurons compute exact zeros: by the function itself, or by a magnitude cut."""
+        return self.name in EXACT_ZERO or self.eps is not None
+
+    @property
+    def magnitude(self) -> bool:
+        return self.eps is not None
+
+    def without_cut(self) -> "Activation":
+        """The activation of the original model (the dense baseline)."""
+        return Activation(self.name, self.threshold)
 
     def gate_fn(self, g: torch.Tensor) -> torch.Tensor:
         if self.name == "silu":
@@ -97,15 +118,19 @@ class Activation:
         return F.relu(u) if self.name == "drelu" else u
 
     def __call__(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """a = gate_fn(g) * up_fn(u), elementwise, in g's dtype."""
+        """a = gate_fn(g) * up_fn(u), elementwise, in g's dtype (cut to 0 where |a| <= eps)."""
         if self.name == "drelu":
             return F.relu(g) * F.relu(u)
-        return self.gate_fn(g) * u
+        a = self.gate_fn(g) * u
+        if self.eps is not None:
+            a = torch.where(a.abs() > self.eps, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        return a
 
     def numpy(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
         """The same in numpy (the CPU kernels' reference)."""
         if self.name == "silu":
-            return g / (1.0 + np.exp(-g)) * u
+            a = g / (1.0 + np.exp(-g)) * u
+            return a if self.eps is None else np.where(np.abs(a) > self.eps, a, 0)
         if self.name == "fatrelu":
             return np.where(g >= self.threshold, g, 0) * u
         if self.name == "relu2":
@@ -118,6 +143,8 @@ class Activation:
 
     def active(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """bool: the neuron's activation is exactly non-zero (exact-zero activations only)."""
+        if self.eps is not None:
+            return self(g, u) != 0
         if self.name == "fatrelu":
             return (g >= self.threshold) & (g != 0)
         if self.name in ("relu", "relu2"):
@@ -129,18 +156,30 @@ class Activation:
 
     def gate_fires(self, g: torch.Tensor) -> torch.Tensor:
         """bool: the activated gate is non-zero, so the kernels read this neuron's up row (for dReLU
-        a superset of `active`: the up sign is only known after the up row is read)."""
+        a superset of `active`: the up sign is only known after the up row is read; for a magnitude
+        cut every gate "fires": the cut needs u)."""
+        if self.eps is not None:
+            return torch.ones_like(g, dtype=torch.bool)
         return self.active(g, torch.ones_like(g))
 
     @property
     def kernel_code(self) -> int:
         """The Numba kernels' `act` argument; UserError where the sparse kernels cannot run it."""
+        if self.eps is not None:
+            return ACT_SILU_MAGNITUDE
         if self.name not in _KERNEL_CODES:
             raise UserError(f"activation {self.name!r} cannot run on the sparse kernels "
                             f"(supported: {', '.join(_KERNEL_CODES)}; silu has no exact zeros)")
         return _KERNEL_CODES[self.name]
 
+    @property
+    def kernel_threshold(self) -> float:
+        """The Numba kernels' `threshold` argument: FATReLU's t, or the magnitude cut."""
+        return self.eps if self.eps is not None else self.threshold
+
     def describe(self) -> str:
+        if self.eps is not None:
+            return f"{self.name} (magnitude cut {self.eps:.6g})"
         return self.name + (f" (threshold {self.threshold:.6g})" if self.name == "fatrelu" else "")
 
 

@@ -36,6 +36,8 @@ rows (single-core sequential read roof ~31-34 GB/s), fp16 and int8 ~12-13 GB/s; 
 16-core GPU host needs only ~5.4 GB/s per core to reach its 86 GB/s roof.
 
 Entry points:
+`act` is an activation name (with FATReLU's `threshold`) or an `activations.Activation` (which can
+carry a SiLU magnitude cut).
 - `cold_ffn(cold, x, active, act, threshold)` / `cold_ffn_batch(...)`: validate everything,
   allocate the output; for tests and one-off calls.
 - `ColdFFN(cold, act, threshold)`: validated once at construction; `.decode(x, active, out)` and
@@ -53,7 +55,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.extending import intrinsic
 
-from hybrid_runtime.activations import ACT_DRELU, ACT_FATRELU, ACT_RELU2, Activation
+from hybrid_runtime.activations import ACT_DRELU, ACT_FATRELU, ACT_RELU2, ACT_SILU_MAGNITUDE, Activation
 from hybrid_runtime.errors import UserError
 
 # storage formats (the `fmt` argument of the kernels)
@@ -267,14 +269,20 @@ def _gate_act(g, act, threshold):
         return g if g >= threshold else np.float32(0.0)
     if act == ACT_RELU2:
         return g * g if g > 0 else np.float32(0.0)
+    if act == ACT_SILU_MAGNITUDE:                  # never zero: the magnitude cut needs u (_combine)
+        return g / (np.float32(1.0) + np.exp(-g))
     return g if g > 0 else np.float32(0.0)        # relu, and drelu's gate half
 
 
 @njit(inline="always")
-def _combine(ga, u, act):
-    """a = act(g) * u from the activated gate ga != 0 and the up value u (dReLU: relu on u too)."""
+def _combine(ga, u, act, threshold):
+    """a = act(g) * u from the activated gate ga != 0 and the up value u (dReLU: relu on u too;
+    a magnitude cut: 0 where |a| <= threshold, so the neuron's down row is skipped)."""
     if act == ACT_DRELU and u <= 0:
         return np.float32(0.0)
+    if act == ACT_SILU_MAGNITUDE:
+        a = ga * u
+        return a if abs(a) > threshold else np.float32(0.0)
     return ga * u
 
 
@@ -301,7 +309,7 @@ def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, r
     _dot_rows(up, up_scale, fmt, live[:n_live], x, u)
     n_out = 0
     for i in range(n_live):
-        ai = _combine(a[i], u[i], act)
+        ai = _combine(a[i], u[i], act, threshold)
         if ai != 0:
             live[n_out] = live[i]
             a[n_out] = ai
@@ -484,7 +492,7 @@ def _batch_acts(gate, up, gate_scale, up_scale, fmt, x, active, lo, hi, act, thr
             for t in range(T):
                 ga = acts[i0 + k, t]
                 if ga != 0:
-                    acts[i0 + k, t] = _combine(ga, dots[k, t], act)
+                    acts[i0 + k, t] = _combine(ga, dots[k, t], act, threshold)
 
 
 @njit
@@ -693,12 +701,16 @@ class ColdRows:
 
 # ----------------------------------------------------------------------------- references
 
+def as_activation(act: str | Activation, threshold: float = 0.0) -> Activation:
+    return act if isinstance(act, Activation) else Activation(act, threshold)
+
+
 def cold_ffn_batch_ref(cold: ColdRows, x: np.ndarray, active: np.ndarray, act: str,
                        threshold: float = 0.0) -> np.ndarray:
     """Dense numpy reference over the active rows: x (T, d) -> y (T, d) fp32 (fp64 math)."""
     gate, up, down = (w.astype(np.float64) for w in cold.dequantize(np.asarray(active, np.int64)))
     x = np.asarray(x, np.float64)
-    a = Activation(act, threshold).numpy(x @ gate.T, x @ up.T)        # (T, n_active)
+    a = as_activation(act, threshold).numpy(x @ gate.T, x @ up.T)     # (T, n_active)
     return (a @ down).astype(np.float32)
 
 
@@ -735,14 +747,13 @@ class ColdFFN:
     """
 
     def __init__(self, cold: ColdRows, act: str, threshold: float = 0.0):
-        activation = Activation(act, threshold)
+        activation = as_activation(act, threshold)
         self.cold = cold
-        self.act = act
-        self.threshold = float(threshold)
         self._args = (cold.gate, cold.up, cold.down, cold.gate_scale, cold.up_scale, cold.down_scale,
                       cold.fmt_code)
+        self.activation = activation
         self._act = activation.kernel_code
-        self._threshold = np.float32(threshold)
+        self._threshold = np.float32(activation.kernel_threshold)
         self._partial = np.empty((numba.get_num_threads(), cold.dim), np.float32)
 
     def decode(self, x: np.ndarray, active: np.ndarray, out: np.ndarray) -> np.ndarray:

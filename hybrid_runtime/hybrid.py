@@ -111,7 +111,7 @@ class HybridFFN(nn.Module):
         self.hot_gate = nn.Parameter(hot_gate, requires_grad=False)   # (k, d)
         self.hot_up = nn.Parameter(hot_up, requires_grad=False)       # (k, d)
         self.hot_down = nn.Parameter(hot_down, requires_grad=False)   # (k, d)
-        self.cold = ColdFFN(cold, activation.name, activation.threshold) \
+        self.cold = ColdFFN(cold, activation) \
             if cold is not None and cold.n_rows else None
         self.n_cold = cold.n_rows if self.cold is not None else 0
         self.all_cold = np.arange(self.n_cold, dtype=np.int32)
@@ -190,6 +190,45 @@ class PredictedHybridFFN(HybridFFN):
                                   self.activation.name, self.activation.threshold)
 
 
+class ReferenceFFN(nn.Module):
+    """What the hybrid modes compute, token by token, with dense torch ops: the reference the sparse
+    paths are tested against and the evaluation's FFN (`hybrid-convert eval --mode`).
+
+        dense      a = the model's activation (no cut)
+        exact      a = the sparse activation (exact zeros, or the layer's magnitude cut)
+        predictor  a = the sparse activation on the neurons the predictor marks, 0 elsewhere
+
+    `counts` accumulates per layer (tokens, computed (a != 0), truly active, predicted, predicted and
+    truly active) over every forward, for sparsity, recall and density."""
+
+    def __init__(self, ffn: nn.Module, activation: Activation, mode: str, predictor: nn.Module | None = None,
+                 predictor_reads_residual: bool = False):
+        super().__init__()
+        if mode not in ("dense", "exact", "predictor") or (mode == "predictor") != (predictor is not None):
+            raise ValueError(f"mode {mode!r} with{'out' if predictor is None else ''} a predictor")
+        self.ffn, self.mode, self.predictor = ffn, mode, predictor
+        self.reads_residual = predictor_reads_residual
+        self.activation = activation if mode != "dense" else activation.without_cut()
+        self.sparse = activation
+        self.counts = torch.zeros(5, dtype=torch.float64)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ffn = self.ffn
+        x = ffn.norm(h)                                                       # (B, T, d)
+        g, u = F.linear(x, ffn.gate), F.linear(x, ffn.up)                     # (B, T, f)
+        a = self.activation(g, u)
+        active = self.sparse(g, u) != 0                                       # the truly active neurons
+        if self.predictor is not None:
+            pred = self.predictor(h if self.reads_residual else x) > self.predictor.threshold
+            a = a * pred
+        else:
+            pred = torch.ones_like(active)
+        self.counts += torch.stack([torch.tensor(float(active[..., 0].numel())), (a != 0).sum().double().cpu(),
+                                    active.sum().double().cpu(), pred.sum().double().cpu(),
+                                    (pred & active).sum().double().cpu()])
+        return a @ ffn.down                                                   # (B, T, d)
+
+
 def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype: torch.dtype | None = None,
                        mode: str = "predictor", cold_format: str | None = None, max_tokens: int = 512):
     """Load a hybrid model directory with layer l's rows [0, hot_counts[l]) on `device` in `dtype`
@@ -214,9 +253,10 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
         raise UserError(f"{md.path}: has no predictors (hybrid.json 'predictors' is null); run with --exact "
                         "or re-pack with predictors")
     cfg = md.config
-    if not cfg.activation.has_exact_zeros:
-        raise UserError(f"{md.path}: activation {cfg.act!r} has no exact zeros; the hybrid runtime needs a "
-                        "ReLU-family model (relu, fatrelu, relu2, drelu)")
+    activations = md.hybrid.layer_activations(cfg.activation)
+    if not all(a.has_exact_zeros for a in activations):
+        raise UserError(f"{md.path}: activation {cfg.act!r} has no exact zeros and hybrid.json defines no magnitude "
+                        "cut; profile it with --cett and re-pack, or convert it with `hybrid-convert prosparse`")
     if len(hot_counts) != cfg.n_layers or any(not 0 <= k <= cfg.ffn_dim for k in hot_counts):
         raise UserError(f"hot neuron counts must be {cfg.n_layers} values in [0, {cfg.ffn_dim}]")
     run_dtype = dtype or md.dtype
@@ -231,6 +271,11 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     max_cold = max(cfg.ffn_dim - k for k in hot_counts)
     use_kernels = (device.type == "cuda" and run_dtype in (torch.float16, torch.bfloat16)
                    and kernels.cuda_kernels_ready())
+    if use_kernels and any(a.magnitude for a in activations):
+        from hybrid_runtime.errors import log
+        log("note: the CUDA sparse kernels have no magnitude cut yet; the hot rows of this CETT-sparse model "
+            "run through torch (same results)")
+        use_kernels = False
     staging = (CudaStaging(max_tokens, cfg.dim, max_cold, device) if device.type == "cuda"
                else CpuStaging())
     for i, layer in enumerate(model.layers):
@@ -238,7 +283,7 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
         hot = [t[:k].to(device) for t in (ffn.gate.data, ffn.up.data, ffn.down.data)]
         cold = ColdRows.from_torch(ffn.gate.data[k:], ffn.up.data[k:], ffn.down.data[k:], fmt=cold_format) \
             if k < cfg.ffn_dim else None
-        args = (ffn.norm.to(device), *hot, cold, cfg.activation, staging)
+        args = (ffn.norm.to(device), *hot, cold, activations[i], staging)
         if predictors is None:
             layer.ffn = HybridFFN(*args, use_kernels=use_kernels)
         else:

@@ -40,14 +40,31 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
     src_dtype = src.dtype
     model = load_model(src, device="cpu", dtype=src_dtype)   # the checkpoint's own dtype, bit for bit
     cfg = model.config
-    if not cfg.activation.has_exact_zeros:
-        raise UserError(f"{source_dir}: the model uses SiLU (no exact zeros); convert it with "
-                        "`hybrid-convert prosparse` first")
+    activity = (calibration or {}).get("activity") or {"kind": "exact_zero"}
+    magnitude = activity.get("kind") == "magnitude"
+    if not cfg.activation.has_exact_zeros and not magnitude:
+        raise UserError(f"{source_dir}: the model uses SiLU (no exact zeros); profile it with --cett (magnitude "
+                        "sparsity) or convert it with `hybrid-convert prosparse` first")
+    if magnitude:
+        eps = activity.get("magnitude_thresholds")
+        if cfg.act != "silu":
+            raise UserError(f"{source_dir}: magnitude (CETT) activity is for SiLU models; this one is {cfg.act}")
+        if not isinstance(eps, list) or len(eps) != cfg.n_layers:
+            raise UserError(f"profile: magnitude activity needs {cfg.n_layers} per-layer thresholds, got {eps!r}")
     if len(frequencies) != cfg.n_layers:
         raise UserError(f"profile has {len(frequencies)} layers but the model has {cfg.n_layers}")
     state = {n: t.to(src_dtype) if t.is_floating_point() else t for n, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
+    if magnitude:
+        # |a_i| * ||down_i|| is neuron i's output magnitude; store up_i * ||down_i|| and down_i / ||down_i||
+        # (the same function: a is linear in u) so that |a_i| itself is compared with the layer's eps
+        for i in range(cfg.n_layers):
+            up, down = state[f"layers.{i}.ffn.up"], state[f"layers.{i}.ffn.down"]
+            norm = down.double().norm(dim=1, keepdim=True)                           # (f, 1)
+            safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+            state[f"layers.{i}.ffn.up"] = (up.double() * norm).to(up.dtype)
+            state[f"layers.{i}.ffn.down"] = (down.double() / safe).to(down.dtype)
     stats: dict[str, torch.Tensor] = {}
     for i, freq in enumerate(frequencies):
         if len(freq) != cfg.ffn_dim:
@@ -75,6 +92,9 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "created_by": f"hybrid-runtime {__version__}",
         "source_model": str(source_dir), "architecture": cfg.architecture,
         "activation": cfg.act, "threshold": cfg.act_threshold,
+        # which neurons are active: exact zeros of the activation, or |a| above a per-layer cut (CETT)
+        "activity": ({"kind": "magnitude", "cett": activity.get("cett"), "thresholds": [float(e) for e in eps],
+                      "rows": "up scaled by ||down||, down unit-norm"} if magnitude else {"kind": "exact_zero"}),
         "n_layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
         "dtype": str(src_dtype).replace("torch.", ""),
         "weights": "model.safetensors", "neuron_stats": "neuron_stats.safetensors",

@@ -9,7 +9,9 @@ its metadata (`hybrid.json`, a shard index) must resolve inside the directory.
 
 The hybrid model directory (format `hybrid-runtime-model`, version 1):
 
-    hybrid.json               format name + version, source, activation, per-layer statistics
+    hybrid.json               format name + version, source, activation, per-layer statistics,
+                              "activity": {"kind": "exact_zero"} or {"kind": "magnitude", "cett",
+                              "thresholds": [per-layer cut]} (activations.py: rows rescaled for it)
     config.json, tokenizer*   copied from the source checkpoint
     model.safetensors         native tensor names (loading.HF_TO_NATIVE), FFN rows permuted per layer
                               by activation frequency (descending); gate/up/down (f, d)
@@ -138,6 +140,18 @@ class HybridMeta:
     def predictors_file(self) -> Path | None:
         name = self.raw.get("predictors")
         return inside(self.path, name, "hybrid.json: 'predictors'") if name else None
+
+    def layer_activations(self, base: Activation) -> list[Activation]:
+        """Each layer's activation as the sparse modes compute it: the model's own, or for a magnitude
+        (CETT) profile the model's with that layer's cut (see activations.py)."""
+        activity = self.raw.get("activity") or {"kind": "exact_zero"}
+        if activity.get("kind") != "magnitude":
+            return [base] * self.n_layers
+        eps = activity.get("thresholds")
+        if not isinstance(eps, list) or len(eps) != self.n_layers:
+            raise UserError(f"{self.path / 'hybrid.json'}: 'activity' is magnitude but has no {self.n_layers} "
+                            "per-layer 'thresholds'; re-run `hybrid-convert pack`")
+        return [Activation(base.name, base.threshold, eps=e) for e in eps]
 
     @property
     def stored_dtype(self) -> str:

@@ -146,6 +146,8 @@ def inputs(tmp_path_factory):
                          ("h_stats_outside", {"neuron_stats": "/etc/hostname"}),
                          ("h_version", {"version": 7}), ("h_format", {"format": "other"}),
                          ("h_layers_str", {"n_layers": "2"}), ("h_layers_wrong", {"n_layers": 3}),
+                         ("h_cuts_missing", {"activity": {"kind": "magnitude", "cett": 0.2}}),
+                         ("h_cuts_short", {"activity": {"kind": "magnitude", "thresholds": [0.1]}}),
                          ("h_weights_int", {"weights": 5})):
         h = bad / name
         shutil.copytree(hyb, h)
@@ -251,6 +253,8 @@ CASES: list[tuple[str, list[str], str]] = [
     (RUN, GEN + ["--model", "{h_layers_wrong}"], "n_layers 3"),
     (RUN, GEN + ["--model", "{h_weights_int}"], "'weights'"),
     (RUN, GEN + ["--model", "{h_not_json}"], "unreadable"),
+    (RUN, GEN + ["--model", "{h_cuts_missing}", "--exact"], "'thresholds'"),
+    (RUN, GEN + ["--model", "{h_cuts_short}", "--predictor"], "'thresholds'"),
     (RUN, GEN + ["--model", "{h_symlink}"], "outside the model directory"),
     # --- hybrid-run generate: flags
     (RUN, GEN + ["--model", "{relu}", "--device", "tpu"], "unknown device"),
@@ -419,6 +423,17 @@ CASES: list[tuple[str, list[str], str]] = [
     (CONV, ["all", "-m", "{case}/nope", "--data", "{data}", "--out", "{case}/h"], "no such directory"),
     (CONV, ALL + ["--out", "{case}/h", "--tokens", "0"], "--tokens"),
     (CONV, ALL + ["--out", "{case}/h", "--block-len", "0"], "--block-len"),
+    (CONV, ALL + ["--out", "{case}/h", "--cett", "0.2"], "drop --cett"),
+    (CONV, ["all", "-m", "{silu}", "--data", "{data}", "--block-len", "32", "--out", "{case}/h", "--cett", "1.5"],
+     "--cett"),
+    (CONV, ["all", "-m", "{silu}", "--data", "{data}", "--block-len", "32", "--out", "{case}/h", "--cett", "0"],
+     "--cett"),
+    (CONV, ["eval", "--model", "{relu}", "--data", "{data}", "--mode", "predictor", "--block-len", "32"],
+     "needs a hybrid model directory with predictors"),
+    (CONV, ["eval", "--model", "{silu}", "--data", "{data}", "--mode", "exact", "--block-len", "32"],
+     "exact zeros"),
+    (CONV, ["eval", "--model", "{hyb}", "--data", "{data}", "--mode", "exact", "--device", "cuda",
+            "--block-len", "32"], "float32"),
     (CONV, ALL + ["--out", "{case}/h", "--block-len", "512"], "max_position_embeddings"),
     (CONV, ["all", "-m", "{silu}", "--data", "{data}", "--out", "{case}/h"], "no exact zeros"),
     (CONV, ALL + ["--out", "{other}"], "not empty"),

