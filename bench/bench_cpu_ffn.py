@@ -10,7 +10,7 @@ over-predicts 2x: those cost their gate row only) and counts the bytes actually 
 The roof is a Numba parallel sum over a 1 GB fp32 buffer with the same thread count.
 
     python bench/bench_cpu_ffn.py                       # all formats, Numba's default threads
-    python bench/bench_cpu_ffn.py --threads 16 --json bench/results/cpu_ffn_h100host.json
+    python bench/bench_cpu_ffn.py --threads 16 --json bench/results/<device>-<date>-cold-kernel.json
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _parallel_sum(buf, n_chunks):
 # An eight-rows-at-a-time variant of the decode kernel (the runtime reads four rows at a time), kept to
 # measure the two against each other (`--compare-8way`). Dev VM (2 threads, 4 GB pool): equal at the runtime's
 # 8 GiB active-set shape (30.0 vs 30.4 GB/s), eight faster only with 48 rows per call
-# (bench/results/cpu_ffn_8way_devvm.txt); H100 host (16 threads, 6 GB pool, 2026-11-23): four won, 68.3 vs 65.6
+# (bench/results/cpu-2026-11-23-cold-kernel-8way-ab.txt); H100 host (16 threads, 6 GB pool, 2026-11-23): four won, 68.3 vs 65.6
 # GB/s median.
 
 @njit

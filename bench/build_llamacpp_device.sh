@@ -7,13 +7,13 @@
 #
 # Why a repack: the llama-cpp-python sdist (0.3.36: 76.6 MB) carries its own .git (39 MB) and llama.cpp's
 # docs and tokenizer test vocabularies (113 MB unpacked); the device call can carry 64 MiB in all, the
-# repository included. Only those are removed (12.5 MB repack): CMake never reads them. (The third session
+# repository included. Only those are removed (12.5 MB repack): CMake never reads them. (An earlier run
 # of 2026-11-23 used a 3.7 MB repack that also dropped tools/, tests/, examples/ and the other GPU backends;
-# the fourth session's diagnosis showed the segfaults it saw do not depend on the repack: the 12.5 MB one
+# the later diagnosis showed the segfaults it saw do not depend on the repack: the 12.5 MB one
 # crashed the same way with the image's host compiler.)
 #
 # Host compiler: the image sets CUDAHOSTCXX=/opt/gcc/bin/g++ (a wrapper around the same GCC 13.3). Built with
-# it (first machine of 2026-11-23, fourth session), llama.cpp segfaulted in llama_model::print_info in every
+# it (one host of 2026-11-23), llama.cpp segfaulted in llama_model::print_info in every
 # process that had imported torch AND in bench/llamacpp_child.py started from the bench (no torch in it);
 # built with the system g++ as nvcc's host compiler (below, second machine) and the child importing llama_cpp
 # before numpy, the child loaded and ran both 7B systems; a process that imported torch first still

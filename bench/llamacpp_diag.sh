@@ -4,9 +4,9 @@
 #
 #   bash bench/llamacpp_diag.sh OUTDIR [BIG_GGUF]
 #
-# History: every llama.cpp load segfaulted in the third session of 2026-11-23 (the bench's child process,
+# History: every llama.cpp load segfaulted in the third H100 run of 2026-11-23 (the bench's child process,
 # which imports no torch but is the child of a process holding a CUDA context; and pytest's in-process test
-# on a tiny f32 GGUF), and in the second session inside the bench process; a fresh process after the bench
+# on a tiny f32 GGUF), and in the second run inside the bench process; a fresh process after the bench
 # had finished loaded the same GGUF. This extension's own binding also segfaulted whenever a TORCH_CHECK
 # threw inside it. So this script separates three suspects:
 #   1. C++ exceptions: does a throw/catch in code compiled on this machine work, in a plain executable and
@@ -17,7 +17,7 @@
 #      own child (bench/llamacpp_child.py) started from a parent that holds one;
 #   3. the model: the same on BIG_GGUF (the bench's 7B export), if given.
 # The first case that fails is run again under cuda-gdb (the image has no gdb) for a native backtrace.
-# Outcome (2026-11-23, fourth session; bench/results/h100-2026-11-23-session4/): suspect 1 cleared; a model load
+# Outcome (H100 machine, 2026-11-23; bench/results/README.md): suspect 1 cleared; a model load
 # segfaults in llama_model::print_info in any process that imported torch, fresh processes are fine.
 # (The two torch+CUDA probes of section 1 printed a SyntaxError on those runs, a quoting bug fixed since.)
 set -u

@@ -29,8 +29,8 @@ if [ "$STAGE" = gpu ]; then
   python3 bench/prosparse_ablation.py --corpus "$CORPUS" --out "$ABL" --dim 256 --layers 6 --heads 4 \
       --kv-heads 4 --ffn 768 --vocab 4096 --block-len 512 --batch-size 32 --pretrain-steps 2000 \
       --convert-steps 800 --time-budget-s 430 --save-models --no-progress 2>&1 | tee /tmp/ablation.log
-  mkdir -p bench/results/prosparse-ablation-h100
-  cp "$ABL"/ablation.json "$ABL"/ablation.md /tmp/ablation.log bench/results/prosparse-ablation-h100/
+  R=bench/results/nvidia-h100-80gb-hbm3-$(date +%F)-prosparse-ablation
+  cp "$ABL"/ablation.json $R.json; cp "$ABL"/ablation.md $R.md; cp /tmp/ablation.log $R.log
   # 1b. The ProSparse+FATReLU candidates, cast to fp16 (~14.4 MB each). The demo uses lambda -> 3,
   #     the smallest lambda with sparsity >= 85%.
   python3 - "$ABL" "$SRC" <<'EOF'
@@ -74,18 +74,18 @@ hybrid-convert all --model "$MODEL" "${DATA[@]}" --out models/demo --work-dir "$
     --tokens 1000000 --samples-per-layer 65536 --block-len 512 --recall-target 0.95 --ranks auto \
     --max-epochs 50 --device cpu --force
 [ -s "$CARD" ] && cp "$CARD" models/demo/README.md; rm -f "$CARD"
-cp "$WORK/profile/profile.json" bench/results/demo_profile.json
-cp "$WORK/predictors/predictor_metrics.json" bench/results/demo_predictor_metrics.json
+cp "$WORK/profile/profile.json" bench/results/cpu-$(date +%F)-demo-profile.json
+cp "$WORK/predictors/predictor_metrics.json" bench/results/cpu-$(date +%F)-demo-predictor-metrics.json
 
 # 3. Held-out perplexity and activation sparsity of the shipped model, on the CPU in float32
 #    (the whole held-out split: 291,328 tokens in 512-token blocks).
 hybrid-convert eval --model models/demo "${DATA[@]}" --split heldout --tokens 300000 --block-len 512 \
-    --batch-size 8 --sparsity both --device cpu --dtype float32 --json bench/results/demo_eval_cpu.json --force
+    --batch-size 8 --sparsity both --device cpu --dtype float32 --json bench/results/cpu-$(date +%F)-demo-eval.json --force
 
 # 3b. Predictor recall / precision / density on held-out text (the trainer's own test split is
 #     calibration text from the train split), with the runtime's float32 CPU arithmetic.
 python3 - "${FILES[@]}" <<'EOF'
-import json, sys, torch
+import json, sys, time, torch
 from convert.data import load_token_blocks
 from hybrid_runtime.loading import load_model, load_tokenizer
 from predictors.model import PredictorSet
@@ -113,14 +113,14 @@ layers = [{"layer": i, "recall": int(tp) / int(nt), "precision": int(tp) / int(n
            "pred_density": int(npred) / (n * f), "true_density": int(nt) / (n * f)}
           for i, (tp, npred, nt) in enumerate(counts)]
 res = {"model": demo, "split": "heldout", "tokens": n, "dtype": "float32", "layers": layers}
-open("bench/results/demo_predictor_heldout.json", "w").write(json.dumps(res, indent=1) + "\n")
+open(time.strftime("bench/results/cpu-%Y-%m-%d-demo-predictor-heldout.json"), "w").write(json.dumps(res, indent=1) + "\n")
 for r in layers:
     print(f"layer {r['layer']}: recall {r['recall']:.4f} precision {r['precision']:.4f} "
           f"predicted density {r['pred_density']:.4f} true density {r['true_density']:.4f}")
 EOF
 
 # 4. Predictor mode vs dense: greedy agreement over 8 prompts x 256 tokens (all modes in float32).
-python3 bench/agreement.py --model models/demo --tokens 256 --device cpu --out bench/results/demo_agreement_cpu.json
+python3 bench/agreement.py --model models/demo --tokens 256 --device cpu --out bench/results/cpu-$(date +%F)-demo-agreement.json
 
 # 5. The golden tokens of tests/test_demo_golden.py (dense, --exact, predictor; 1 thread).
 python3 tests/golden/make_demo_golden.py --force
