@@ -70,7 +70,10 @@ def main(argv=None) -> None:
                    *[a for d in args.data for a in ("--data", d)], "--out", str(hyb), "--cett", str(cett),
                    "--tokens", str(args.tokens), "--block-len", str(args.block_len),
                    "--samples-per-layer", str(args.samples_per_layer), "--max-epochs", str(args.max_epochs),
-                   "--ranks", args.ranks, "--device", "cpu", "--dtype", "float32", "--force"]
+                   "--ranks", args.ranks, "--device", "cpu", "--dtype", "float32"]
+            work = hyb.with_name(hyb.name + ".work")
+            # an interrupted build continues where it stopped (its profile, the layers already trained)
+            cmd.append("--resume" if (work / "profile").is_dir() and any((work / "profile").iterdir()) else "--force")
             subprocess.run(cmd, check=True)
         built = time.perf_counter() - t0
         ev = evaluate_modes(hyb, blocks, ("exact", "predictor"), batch_size=4, progress=True)

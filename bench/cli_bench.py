@@ -1,13 +1,14 @@
 """`hybrid-run bench`: every system on the same model, prompt and machine, in one run (bench/run_bench.py).
 
-Registered in hybrid_runtime/cli.py with `main_group.add_command(bench)`; also runnable on its own:
+Registered as the `hybrid_runtime.commands` entry point `bench` (setup.py; hybrid_runtime/cli.py loads
+it: the runtime never imports the benchmark); also runnable on its own:
 `python -m bench.run_bench ...`.
 """
 from __future__ import annotations
 
 import click
 
-from bench.run_bench import CPU_DEFAULT, DEFAULT_WORK, GPU_DEFAULT, REPO, SYSTEMS, BenchOptions
+from bench.options import CPU_DEFAULT, DEFAULT_WORK, GPU_DEFAULT, REPO, SYSTEMS, BenchOptions
 from bench.synthetic import SPARSITY_PROFILES
 
 

@@ -88,7 +88,7 @@ python3 - "${FILES[@]}" <<'EOF'
 import json, sys, time, torch
 from convert.data import load_token_blocks
 from hybrid_runtime.loading import load_model, load_tokenizer
-from predictors.model import PredictorSet
+from hybrid_runtime.predictor import PredictorSet
 torch.set_num_threads(2)
 demo = "models/demo"
 model = load_model(demo, dtype=torch.float32)

@@ -181,7 +181,7 @@ def evaluate_modes(model_dir, blocks: torch.Tensor, modes=EVAL_MODES, batch_size
     if "predictor" in modes:
         if md.hybrid is None or md.hybrid.predictors_file is None:
             raise UserError(f"{md.path}: --mode predictor needs a hybrid model directory with predictors")
-        from predictors.model import PredictorSet
+        from hybrid_runtime.predictor import PredictorSet
         preds = PredictorSet.load(md.hybrid.predictors_file)
     model = load_model(md, dtype=torch.float32)
     dense_ffns = [layer.ffn for layer in model.layers]

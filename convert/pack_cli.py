@@ -41,7 +41,7 @@ def pack(model: str, profile_dir: str, predictors_dir: str | None, out_dir: str,
     from hybrid_runtime.hybrid_format import pack_hybrid_model
     from hybrid_runtime.loading import resolve_model
     from hybrid_runtime.model_dir import open_model_dir
-    from predictors.model import PredictorSet
+    from hybrid_runtime.predictor import PredictorSet
 
     src = resolve_model(model)
     cfg = open_model_dir(src).config

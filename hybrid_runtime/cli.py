@@ -188,12 +188,18 @@ def info(model, as_json, debug):
             click.echo(f"{key}: {value}")
 
 
-def _register_bench() -> None:
-    from bench.cli_bench import bench
-    main_group.add_command(bench)
+PLUGIN_GROUP = "hybrid_runtime.commands"
 
 
-_register_bench()
+def _register_plugins() -> None:
+    """Commands other parts of the project add (`hybrid-run bench` is bench/cli_bench.py), found through the
+    package's entry points: the runtime never imports them."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=PLUGIN_GROUP):
+        main_group.add_command(ep.load(), ep.name)
+
+
+_register_plugins()
 
 
 def main() -> None:

@@ -264,7 +264,7 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     model = load_model(md, device="cpu", dtype=run_dtype)
     predictors = None
     if mode == "predictor":
-        from predictors.model import PredictorSet
+        from hybrid_runtime.predictor import PredictorSet
         predictors = PredictorSet.load(predictors_file, device=device, dtype=run_dtype)
         if len(predictors) != cfg.n_layers:
             raise UserError(f"{predictors_file}: {len(predictors)} layers, the model has {cfg.n_layers}")

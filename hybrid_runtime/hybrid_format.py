@@ -31,7 +31,7 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
                       predictors=None, calibration: dict | None = None,
                       layer_stats: list[dict] | None = None) -> Path:
     """Write a hybrid model directory from an HF checkpoint, per-layer neuron frequencies
-    (original neuron order) and optionally a `predictors.model.PredictorSet` (original order)."""
+    (original neuron order) and optionally a `hybrid_runtime.predictor.PredictorSet` (original order)."""
     from safetensors.torch import save_file
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)

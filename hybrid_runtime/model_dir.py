@@ -17,7 +17,7 @@ The hybrid model directory (format `hybrid-runtime-model`, version 1):
                               by activation frequency (descending); gate/up/down (f, d)
     neuron_stats.safetensors  layers.{i}.frequency (f,) fp32 sorted descending,
                               layers.{i}.source_index (f,) int64: original neuron of each row
-    predictors.safetensors    predictors/model.py format, outputs in the permuted order
+    predictors.safetensors    hybrid_runtime/predictor.py format, outputs in the permuted order
 """
 from __future__ import annotations
 

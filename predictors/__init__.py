@@ -1,1 +1,1 @@
-"""Per-layer neuron-activation predictors (MLP x -> r -> f) and their trainers."""
+"""Trainers of the per-layer neuron-activation predictors (the predictor model: hybrid_runtime/predictor.py), scikit-learn baselines, metrics, the sample store."""

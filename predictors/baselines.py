@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from predictors.metrics import recall_at_density
-from predictors.model import LayerPredictor
+from hybrid_runtime.predictor import LayerPredictor
 from predictors.train import LayerData, predict_logits
 
 

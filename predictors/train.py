@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from hybrid_runtime.errors import UserError
 from predictors.metrics import (ffn_output_rel_error, mask_metrics, recall_density_curve, recall_standard_error,
                                 threshold_for_density, threshold_for_recall)
-from predictors.model import LayerPredictor, PredictorSet
+from hybrid_runtime.predictor import LayerPredictor, PredictorSet
 from predictors.samples import SampleReader, unpack_mask
 
 RESIDUAL_MARGIN = 0.02

@@ -68,7 +68,7 @@ def inputs(tmp_path_factory):
     from convert.profile import ProfileConfig, run_profile
     from hybrid_runtime.hybrid_format import pack_hybrid_model
     from hybrid_runtime.tiny import build_tiny_model
-    from predictors.model import LayerPredictor, PredictorSet
+    from hybrid_runtime.predictor import LayerPredictor, PredictorSet
     root = tmp_path_factory.mktemp("inputs")
     kw = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
     relu = build_tiny_model(root / "relu", seed=1, act="relu", **kw)

@@ -102,7 +102,7 @@ def test_prepare_reuses_a_matching_build(tiny_bench_model, work, capsys):
 def test_layer_offload_equals_the_dense_engine(make_hf_model):
     """First N layers on the 'fast' device, the rest on the CPU: same logits as the dense engine
     (the CPU stands in for the GPU here; fp32 both sides, then bf16 CPU layers)."""
-    from bench.run_bench import build_layer_offload
+    from bench.systems import build_layer_offload
     from hybrid_runtime.loading import load_model
     _, path = make_hf_model(hidden_act="relu", num_hidden_layers=3)
     ids = torch.randint(3, 262, (1, 10), generator=torch.Generator().manual_seed(0))
@@ -126,7 +126,7 @@ def test_layer_offload_equals_the_dense_engine(make_hf_model):
 def test_layer_offload_applies_minicpm_scalings(tmp_path):
     """Layer offload runs the model's own forward: MiniCPM's scale_emb, scale_depth and logit scale
     included (an earlier copy of the forward dropped two of them)."""
-    from bench.run_bench import build_layer_offload
+    from bench.systems import build_layer_offload
     from hybrid_runtime.loading import load_model
     from hybrid_runtime.tiny import tiny_llama_config, write_random_checkpoint
     cfg = tiny_llama_config(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, tie=True)
@@ -145,7 +145,7 @@ def test_layer_offload_applies_minicpm_scalings(tmp_path):
 
 
 def test_offload_layer_count_follows_the_budget():
-    from bench.run_bench import offload_layers_for_budget
+    from bench.systems import offload_layers_for_budget
     from bench.synthetic import hf_config, shape_configs
     from hybrid_runtime.model import ModelConfig
     cfg = ModelConfig.from_hf(hf_config(shape_configs("7b")[0]))
@@ -188,7 +188,7 @@ def test_bench_smoke_run_writes_a_well_formed_table_and_json(tiny_bench_model, w
     assert "Run finished." in md.splitlines()[2]              # nothing was trimmed for the time budget
     res["sweep"] = [{"system": "hybrid", "budget_gib": 16, "notes": ["skipped (time budget: ~17 s needed, 5 s left)"]}]
     res["complete"] = False
-    from bench.run_bench import format_markdown
+    from bench.report import format_markdown
     head = format_markdown(res).splitlines()[2]
     assert "PARTIAL (written while running); 1 item(s) shortened or skipped for the time budget" in head
     assert "- sweep 16 GiB hybrid: skipped (time budget" in format_markdown(res)
@@ -355,7 +355,7 @@ def _raw_profile(T: int = 4, L: int = 3) -> dict:
 
 
 def test_summarise_and_format_graphed_profile():
-    from bench.run_bench import format_any_profile, format_graphed_profile, summarise_graphed_profile
+    from bench.step_profile import format_any_profile, format_graphed_profile, summarise_graphed_profile
     raw = _raw_profile()
     firing = np.array([[200, 100, 80], [0, 0, 0], [200, 50, 50]])      # over 4 kept tokens
     p = summarise_graphed_profile(raw, firing, precision=0.7, cpu_read_GBps=100.0, timed_ms=0.5)
@@ -386,7 +386,7 @@ def test_summarise_and_format_graphed_profile():
 def test_profiled_graphed_step_on_cuda_matches_the_plain_step(tiny_bench_model):
     """On a tiny hybrid model with cold rows: the profiled step's logits equal the plain graphed step's,
     and its profile is complete (events read, selections counted, firing recomputed)."""
-    from bench.run_bench import summarise_graphed_profile
+    from bench.step_profile import summarise_graphed_profile
     from hybrid_runtime.hybrid import build_hybrid_model
     from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep, StepProfile
     from hybrid_runtime.model_dir import open_model_dir
@@ -442,7 +442,7 @@ def test_powerinfer_chain_on_tiny_and_its_report(work):
     """Build -> profile -> predictors on the tiny shape with the powerinfer preset: the profile measures
     the preset's density and records the top-32% share; the results section says what was measured and
     that PowerInfer's figures are not side by side."""
-    from bench.run_bench import format_sparsity_profile
+    from bench.report import format_sparsity_profile
     from bench.synthetic import prepare_bench_model, shape_configs
     syn, pipe = shape_configs("tiny", seed=0, sparsity_profile="powerinfer")
     bm = prepare_bench_model(syn, pipe, work, "cpu", progress=False)
@@ -484,7 +484,7 @@ class _StubRunner:
         self.per_tok, self.calls = per_tok, []
 
     def generate(self, prompt, n_new):
-        from bench.run_bench import RunResult
+        from bench.systems import RunResult
         self.calls.append(n_new)
         return RunResult(0.1, self.per_tok * (n_new - 1), n_new - 1, len(prompt), [7] * n_new)
 
@@ -492,7 +492,8 @@ class _StubRunner:
 def test_time_runs_trims_instead_of_overrunning():
     from types import SimpleNamespace
 
-    from bench.run_bench import MIN_TIMED_TOKENS, BenchLog, _time_runs
+    from bench.systems import MIN_TIMED_TOKENS, _time_runs
+    from bench.options import BenchLog
     ctx = SimpleNamespace(log=BenchLog(100.0), prompt=[1, 2, 3])
     r = _StubRunner(per_tok=0.5)                         # 128 tokens ~ 70 s per run
     results, note, n = _time_runs(r, ctx, "slow", 128, 3, cap_s=30.0)
@@ -507,7 +508,8 @@ def test_time_runs_trims_instead_of_overrunning():
 
 
 def test_device_info_pieces_and_the_device_wide_gpu_column():
-    from bench.run_bench import cpu_flags, format_tables, numba_runtime_info, measure_cpu_read_bw
+    from bench.report import cpu_flags, format_tables, numba_runtime_info
+    from bench.limits import measure_cpu_read_bw
     flags = cpu_flags("processor : 0\nflags\t\t: fpu sse avx2 f16c avx512f\nprocessor : 1\n")
     assert flags["f16c"] and flags["avx512f"] and not flags["avx512_fp16"] and not flags["amx_bf16"]
     measure_cpu_read_bw(1 << 20)                          # a parallel Numba kernel: the layer is known after
@@ -524,11 +526,13 @@ def test_device_info_pieces_and_the_device_wide_gpu_column():
 def test_llamacpp_goes_before_the_pack_only_when_the_disk_needs_it(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    import bench.run_bench as rb
+    import importlib.util
+
     import bench.synthetic as syn_mod
-    from bench.run_bench import BenchLog, BenchOptions, _llamacpp_before_pack
-    real = rb.importlib.util.find_spec
-    monkeypatch.setattr(rb.importlib.util, "find_spec",
+    from bench.options import BenchLog, BenchOptions
+    from bench.run_bench import _llamacpp_before_pack
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name in ("llama_cpp", "gguf") else real(name, *a))
     sizes = {"gguf": 10 * 1024 ** 3, "hybrid": 11 * 1024 ** 3}
     bm = SimpleNamespace(work=tmp_path)
@@ -545,7 +549,8 @@ def test_gguf_is_dropped_after_llamacpp_when_disk_is_short(monkeypatch, tmp_path
     from types import SimpleNamespace
 
     import bench.synthetic as syn_mod
-    from bench.run_bench import BenchLog, drop_gguf, gguf_path
+    from bench.options import BenchLog
+    from bench.systems import drop_gguf, gguf_path
     hf = tmp_path / "synthetic-7b-s0-0123456789abcdef" / "hf"
     hf.mkdir(parents=True)
     ctx = SimpleNamespace(hf_dir=hf, opts=SimpleNamespace(work=str(tmp_path)), log=BenchLog(100))
@@ -585,7 +590,7 @@ def test_llamacpp_hook_runs_them_first_and_keeps_the_table_order(monkeypatch, tm
 
 
 def test_targets_compare_with_llamacpp_when_it_ran():
-    from bench.run_bench import checks
+    from bench.report import checks
     rows = [{"system": n, "status": "ok", "decode_tps": v} for n, v in
             (("hybrid", 90.0), ("llamacpp-offload", 18.0), ("llamacpp-gpu", 150.0), ("hybrid-gpu", 300.0))]
     out = "\n".join(checks({"systems": rows}))

@@ -231,18 +231,18 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     from importlib.metadata import version
     from types import SimpleNamespace
 
-    from bench import run_bench
+    from bench import options, systems
     from hybrid_runtime.model import ModelConfig
 
     _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", initializer_range=0.1)
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    log = run_bench.BenchLog(600.0)
+    log = options.BenchLog(600.0)
     logs = log.lines
     ctx = SimpleNamespace(opts=SimpleNamespace(work=str(tmp_path / "work"), threads=1, new_tokens=12),
                           hf_dir=path, log=log, cfg=cfg, budget=8 << 30, context=64, cuda=False,
                           prompt=[0, 17, 99, 200, 5, 42, 7, 150],
                           bw={"gpu_copy_GBps": 1000.0, "cpu_read_GBps": 10.0, "h2d_GBps": 20.0})
-    runner, info, lim = run_bench.build_llamacpp(ctx)
+    runner, info, lim = systems.build_llamacpp(ctx)
     r1 = runner.generate(ctx.prompt, 12)
     r2 = runner.generate(ctx.prompt, 12)
     assert len(r1.tokens) == 12 and r1.decode_steps == 11 and r1.prompt_tokens == 8
@@ -264,8 +264,8 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
 
     n_exports = sum("exporting" in m for m in logs)
     ctx.budget = 1 << 20          # nothing fits: every layer on the CPU
-    _, info_off, _ = run_bench.build_llamacpp(ctx, offload=True)
-    assert info_off["n_gpu_layers"] == run_bench.offload_layers_for_budget(cfg, ctx.budget, 64) == 0
+    _, info_off, _ = systems.build_llamacpp(ctx, offload=True)
+    assert info_off["n_gpu_layers"] == systems.offload_layers_for_budget(cfg, ctx.budget, 64) == 0
     assert n_exports == 1 and sum("exporting" in m for m in logs) == 1 and any("reusing" in m for m in logs)
 
 
@@ -289,7 +289,7 @@ def test_llamacpp_child_greedy_equals_engine_greedy(make_hf_model, tmp_path):
     import subprocess
     import sys
 
-    from bench.run_bench import REPO
+    from bench.options import REPO
     from hybrid_runtime.loading import load_model
 
     _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", initializer_range=0.1)
@@ -326,7 +326,7 @@ def test_llamacpp_child_crash_and_hang_are_one_clear_error(monkeypatch):
     naming the signal / the timeout, and no process left behind."""
     import sys
 
-    from bench.run_bench import LlamaCppChild
+    from bench.systems import LlamaCppChild
 
     class Crashing(LlamaCppChild):
         command = [sys.executable, "-c", "import os, signal, sys; sys.stderr.write('ggml: about to crash\\n'); "

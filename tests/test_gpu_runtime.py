@@ -21,7 +21,7 @@ def hybrid_model(tmp_path_factory):
 
     from hybrid_runtime.hybrid_format import pack_hybrid_model
     from hybrid_runtime.tiny import build_byte_tokenizer
-    from predictors.model import LayerPredictor, PredictorSet
+    from hybrid_runtime.predictor import LayerPredictor, PredictorSet
     root = tmp_path_factory.mktemp("gpu")
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=256, intermediate_size=F_DIM, num_hidden_layers=3, num_attention_heads=8,

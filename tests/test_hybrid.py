@@ -173,7 +173,7 @@ def test_graphed_step_replays_the_models_own_forward(packed, mode, monkeypatch, 
     add_branch(merge), head) around the host's cold_ffn: replayed eagerly on the CPU, it gives the
     same logits as Transformer.forward, token after token (the real graphs: test_gpu_runtime.py)."""
     from hybrid_runtime.hybrid_graph import HybridGraphedDecodeStep
-    from predictors.model import LayerPredictor, PredictorSet
+    from hybrid_runtime.predictor import LayerPredictor, PredictorSet
     src, hyb, _ = packed
     if mode == "predictor":
         torch.manual_seed(1)
@@ -262,7 +262,7 @@ def packed_silu_cett(tmp_path_factory):
     """A bfloat16 SiLU model profiled by magnitude (CETT 0.2), with random predictors, packed."""
     from convert.profile import ProfileConfig, run_profile
     from hybrid_runtime.tiny import build_tiny_model
-    from predictors.model import LayerPredictor, PredictorSet
+    from hybrid_runtime.predictor import LayerPredictor, PredictorSet
     from textgen import make_text
     root = tmp_path_factory.mktemp("silu")
     from hybrid_runtime.tiny import write_random_checkpoint
@@ -302,7 +302,7 @@ def test_magnitude_hybrid_decode_equals_the_reference_ffn(packed_silu_cett, mode
     """The hybrid modes of a CETT-sparse SiLU model (hot rows in torch, cold rows in the Numba kernel's
     magnitude mode) decode token by token exactly what ReferenceFFN computes with dense ops."""
     from hybrid_runtime.hybrid import ReferenceFFN
-    from predictors.model import PredictorSet
+    from hybrid_runtime.predictor import PredictorSet
     _, hyb, _ = packed_silu_cett
     md = open_model_dir(hyb)
     acts = md.hybrid.layer_activations(md.config.activation)

@@ -14,7 +14,7 @@ from hybrid_runtime.errors import UserError
 from hybrid_runtime.model import FeedForward, ModelConfig
 from predictors.metrics import (ffn_output_rel_error, mask_metrics, recall_at_density, recall_density_curve,
                                 recall_standard_error, threshold_for_density, threshold_for_recall)
-from predictors.model import LayerPredictor, PredictorSet
+from hybrid_runtime.predictor import LayerPredictor, PredictorSet
 from predictors.samples import (SampleReader, SampleWriter, pack_mask, unpack_mask, unpack_mask_np,
                                 x_from_storage, x_to_storage)
 

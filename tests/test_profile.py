@@ -181,7 +181,7 @@ def test_cett_threshold_and_silu_profile(data_file, tmp_path):
 
 def test_cli_profile_and_train_predictors(relu_model, data_file, tmp_path):
     from convert.cli import main_group
-    from predictors.model import PredictorSet
+    from hybrid_runtime.predictor import PredictorSet
     run = CliRunner().invoke
     prof_dir, out = tmp_path / "prof", tmp_path / "pred"
     args = ["profile", "--model", str(relu_model), "--data", str(data_file), "--tokens", "2048", "--out",

@@ -2,7 +2,7 @@
 
 The output is one logit per FFN neuron; neuron j is predicted active when `logit_j > threshold`
 (one threshold per layer, chosen by the trainer to meet a recall target). This is the predictor
-shape PowerInfer and Deja Vu use.
+shape PowerInfer and Deja Vu use. The runtime runs it (hybrid.py); `predictors/` trains it.
 
 File format (`predictors.safetensors`), all layers in one file:
   tensors   `layers.{i}.w1` (r, d), `layers.{i}.b1` (r,), `layers.{i}.w2` (f, r), `layers.{i}.b2` (f,)
