@@ -39,7 +39,7 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "gguf>=0.19", "accelerate>=0.26"], "bench": ["matplotlib", "accelerate", "gguf>=0.19"]},
+    extras_require={"test": ["pytest>=7", "gguf>=0.19", "accelerate>=0.26", "openai>=1.0"], "bench": ["matplotlib", "accelerate", "gguf>=0.19"]},
     entry_points={"console_scripts": ["hybrid-run=hybrid_runtime.cli:main",
                                       "hybrid-convert=convert.cli:main"],
                   # `hybrid-run bench`: the benchmark observes the runtime, so it plugs in (hybrid_runtime/cli.py)

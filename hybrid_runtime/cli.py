@@ -188,6 +188,25 @@ def info(model, as_json, debug):
             click.echo(f"{key}: {value}")
 
 
+@main_group.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port (0: any free port, printed).")
+@click.option("--served-model-name", default=None, help="The model id clients send (default: the directory name).")
+def serve(host, port, served_model_name, **model_kw):
+    """An OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    from hybrid_runtime.server import bind
+    from hybrid_runtime.server import serve as run_server
+    server = bind(host, port)
+    lm = _open(**model_kw)
+    _describe(lm)
+    template = getattr(lm.tokenizer, "chat_template", None)
+    if not template:
+        log("note: the tokenizer has no chat template; chat requests use a plain 'User:/Assistant:' template")
+    run_server(server, lm, served_model_name or lm.path.name, template or PLAIN_CHAT_TEMPLATE)
+
+
 PLUGIN_GROUP = "hybrid_runtime.commands"
 
 

@@ -307,6 +307,13 @@ CASES: list[tuple[str, list[str], str]] = [
     (RUN, ["info", "--model", "{relu}", "--threads", "3"], "No such option"),
     (RUN, ["info", "--model", "{h_pred_outside}"], "'predictors'"),
     (RUN, ["info", "--model", "{relu}", "extra"], "unexpected extra argument"),
+    # --- hybrid-run serve (fails before it listens)
+    (RUN, ["serve", "--model", "{case}/nope", "--port", "0"], "no such directory"),
+    (RUN, ["serve", "--model", "{relu}", "--port", "70000"], "--port"),
+    (RUN, ["serve", "--model", "{relu}", "--port", "http"], "--port"),
+    (RUN, ["serve", "--model", "{relu}", "--threads", "0", "--port", "0"], "--threads"),
+    (RUN, ["serve", "--model", "{relu}", "--host", "999.1.1.1", "--port", "0"], "cannot listen"),
+    (RUN, ["serve", "--model", "{cfg_tie_str}", "--port", "0"], "tie_word_embeddings"),
     # --- hybrid-run bench (fails before any model is built)
     (RUN, ["bench", "--runs", "0", "--out", "{case}/r"], "--runs"),
     (RUN, ["bench", "--new-tokens", "1", "--out", "{case}/r"], "--new-tokens"),
@@ -525,7 +532,8 @@ def _group(name: str):
 def test_the_table_is_large_and_covers_every_command():
     commands = {(tool, args[0]) for tool, args, _ in CASES}
     assert len(CASES) >= 150
-    assert commands >= {(RUN, "generate"), (RUN, "chat"), (RUN, "info"), (RUN, "bench"), (CONV, "profile"),
+    assert commands >= {(RUN, "generate"), (RUN, "chat"), (RUN, "info"), (RUN, "bench"), (RUN, "serve"),
+                        (CONV, "profile"),
                         (CONV, "train-predictors"), (CONV, "pack"), (CONV, "all"), (CONV, "prosparse"),
                         (CONV, "eval")}
 
