@@ -46,6 +46,8 @@ carry a SiLU magnitude cut).
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import numba
@@ -738,6 +740,33 @@ def _check_f32(name: str, a: np.ndarray, shape: tuple) -> None:
                         f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
 
 
+_ready: set[str] = set()        # kernels this process has already called (loaded or compiled)
+
+
+def _first_call(name: str, kernel, *args) -> None:
+    """A kernel's first call in this process: Numba loads it from its on-disk cache (well under a second) or,
+    the first time after an install, compiles it (tens of seconds on a small CPU). Say so while it happens,
+    once, and how long it took, so a first run does not look hung."""
+    from hybrid_runtime.errors import log
+    said = threading.Event()
+
+    def announce() -> None:
+        said.set()
+        log(f"compiling the CPU kernels ({name}): first run after an install, later runs load them from the cache")
+
+    timer = threading.Timer(1.0, announce)
+    timer.daemon = True
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        kernel(*args)
+    finally:
+        timer.cancel()
+        _ready.add(name)
+    if said.is_set():
+        log(f"CPU kernels ({name}) compiled in {time.perf_counter() - t0:.1f} s")
+
+
 class ColdFFN:
     """One layer's cold FFN bound to its rows and activation: checked once, then unchecked calls.
 
@@ -760,12 +789,19 @@ class ColdFFN:
         n_threads = numba.get_num_threads()   # thread-local in Numba: follow the calling thread's setting
         if self._partial.shape[0] != n_threads:
             self._partial = np.empty((n_threads, self.cold.dim), np.float32)
-        cold_ffn_decode_kernel(*self._args, x, active, self._act, self._threshold, self._partial, out)
+        args = (*self._args, x, active, self._act, self._threshold, self._partial, out)
+        if "decode" in _ready:
+            cold_ffn_decode_kernel(*args)
+        else:
+            _first_call("decode", cold_ffn_decode_kernel, *args)
         return out
 
     def batch(self, x: np.ndarray, active: np.ndarray, out: np.ndarray) -> np.ndarray:
-        cold_ffn_batch_kernel(*self._args, x, active, self._act, self._threshold,
-                              numba.get_num_threads(), out)
+        args = (*self._args, x, active, self._act, self._threshold, numba.get_num_threads(), out)
+        if "batch" in _ready:
+            cold_ffn_batch_kernel(*args)
+        else:
+            _first_call("batch", cold_ffn_batch_kernel, *args)
         return out
 
 

@@ -279,8 +279,11 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, :nh + nkv], cos[:, None], sin[:, None])         # (B, T, nh+nkv, hs)
         q = qk[:, :, :nh].transpose(1, 2)                                           # (B, nh, T, hs)
         k, v = self.kv_cache.update(input_pos, qk[:, :, nh:].transpose(1, 2),
-                                    qkv[:, :, nh + nkv:].transpose(1, 2))           # (B, nkv, S, hs)
-        # mask: (T, S) over the whole pre-allocated cache (bool or additive); no host sync on the length
+                                    qkv[:, :, nh + nkv:].transpose(1, 2))           # (B, nkv, S_max, hs)
+        # mask: (T, S) over the first S cache slots (bool or additive); S is the whole pre-allocated cache
+        # in a CUDA graph (no host sync on the length), the filled part when the caller knows it (kv_len)
+        S = mask.shape[-1]
+        k, v = k[:, :, :S], v[:, :, :S]                                             # (B, nkv, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).reshape(B, T, nh * hs))
 
@@ -365,13 +368,17 @@ class Transformer(nn.Module):
             allowed &= pos[None, :] > pos[:, None] - cfg.sliding_window
         self.register_buffer("causal_mask", allowed, persistent=False)
 
-    def embed(self, tokens: torch.Tensor, input_pos: torch.Tensor):
-        """tokens (B, T) at positions input_pos (T,) -> (h (B, T, d), cos, sin (T, hs), mask (T, S))."""
+    def embed(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None):
+        """tokens (B, T) at positions input_pos (T,) -> (h (B, T, d), cos, sin (T, hs), mask (T, S)).
+
+        kv_len: how many cache slots are filled after this step (the host knows it when it decodes
+        eagerly); attention then reads only those, S = kv_len. None: the whole cache (CUDA graphs)."""
         cfg = self.config
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, hs)
         h = self.tok_embeddings(tokens)                        # (B, T, d)
+        allowed = self.causal_mask[input_pos] if kv_len is None else self.causal_mask[input_pos, :kv_len]
         # additive mask made once per step: SDPA converts a bool mask in every layer (3 kernels)
-        mask = torch.where(self.causal_mask[input_pos], 0.0, -math.inf).to(h.dtype)  # (T, S)
+        mask = torch.where(allowed, 0.0, -math.inf).to(h.dtype)  # (T, S)
         if cfg.scale_emb != 1.0:
             h = h * cfg.scale_emb
         return h, cos, sin, mask
@@ -383,9 +390,9 @@ class Transformer(nn.Module):
             h = h * self.config.logit_scale
         return self.output(h).float()
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) in fp32."""
-        h, cos, sin, mask = self.embed(tokens, input_pos)
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions input_pos (T,) -> logits (B, T, V) in fp32 (kv_len: see embed)."""
+        h, cos, sin, mask = self.embed(tokens, input_pos, kv_len)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, input_pos)
         return self.head(h)
