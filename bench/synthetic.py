@@ -652,26 +652,28 @@ def prepare_bench_model(syn: SyntheticConfig, pipe: PipelineConfig, work_root: P
     deleted, before the hybrid directory is written (the benchmark runs disk-hungry systems there).
     Free disk is checked before the build (the peak: checkpoint + the larger of samples and hybrid
     directory) and before each large write: a UserError says what is needed and free."""
-    from convert.predictors_cli import summarize
-    from convert.profile import ProfileConfig, run_profile
-    from hybrid_runtime.hybrid_format import pack_hybrid_model
-    from predictors.samples import SampleReader
-    from predictors.train import TrainConfig, train_all
-
     device = torch.device(device)
     fp = _fingerprint(syn, pipe)
     work = work_dir(syn, pipe, work_root)
     man_path = work / MANIFEST
     bm = BenchModel(work, work / "hf", work / "hybrid")
+    old = None
     if not rebuild and man_path.is_file():
-        man = json.loads(man_path.read_text())
-        if man.get("fingerprint") == fp and man.get("complete") and (bm.hybrid_dir / "hybrid.json").is_file():
-            bm.manifest = man
-            log(f"synthetic model: reusing {work} (built {man.get('created')})")
+        old = json.loads(man_path.read_text())
+        if old.get("fingerprint") == fp and old.get("complete") and (bm.hybrid_dir / "hybrid.json").is_file():
+            bm.manifest = old
+            log(f"synthetic model: reusing {work} (built {old.get('created')})")
             return bm
+    # an interrupted build of the same settings continues after its last finished phase (the checkpoint
+    # written, then the profile's and the trainer's own checkpoints); anything else starts over
+    resume = (old is not None and old.get("fingerprint") == fp and "write-checkpoint" in old.get("phases", {})
+              and (bm.hf_dir / "model.safetensors").is_file())
+    sizes = disk_sizes(syn, pipe)
+    if resume:
+        log(f"synthetic model: resuming the interrupted build in {work} after {', '.join(old['phases'])}")
+        return _finish_build(syn, pipe, bm, device, old, sizes, progress, on_phase, before_pack)
     if work.exists():
         shutil.rmtree(work)
-    sizes = disk_sizes(syn, pipe)
     peak = sizes["hf"] + max(sizes["samples"], sizes["hybrid"])
     check_disk(work, peak, f"the synthetic {syn.name} model (HF checkpoint {sizes['hf'] / GiB:.1f} GiB, then "
                            f"profile samples {sizes['samples'] / GiB:.1f} GiB, deleted after training, then the hybrid "
@@ -705,13 +707,44 @@ def prepare_bench_model(syn: SyntheticConfig, pipe: PipelineConfig, work_root: P
     write_synthetic_text(calib_text, int(pipe.profile_tokens * 1.1) + 2 * pipe.block_len, syn.vocab_size,
                          syn.seed + 202, language_seed=syn.seed)
     phase_done("write-checkpoint", t0)
+    _write_manifest(man_path, man)          # from here an interrupted build resumes (_finish_build)
+    del model
+    _free(device)
+    return _finish_build(syn, pipe, bm, device, man, sizes, progress, on_phase, before_pack)
+
+
+def _write_manifest(path: Path, man: dict) -> None:
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(man, indent=1))
+    tmp.replace(path)
+
+
+def _finish_build(syn, pipe, bm: BenchModel, device: torch.device, man: dict, sizes: dict, progress: bool,
+                  on_phase, before_pack) -> BenchModel:
+    """profile -> train-predictors -> pack on a written checkpoint; each step resumes from its own checkpoint
+    (the profile's progress file, the trainer's finished layers) when a previous build was interrupted."""
+    from convert.predictors_cli import summarize
+    from convert.profile import ProfileConfig, run_profile
+    from hybrid_runtime.hybrid_format import pack_hybrid_model
+    from hybrid_runtime.loading import load_model
+    from predictors.samples import SampleReader
+    from predictors.train import TrainConfig, train_all
+    work, man_path = bm.work, bm.work / MANIFEST
+    calib_text = work / "data" / "profile.txt"
+    phases = man["phases"] = dict(man.get("phases", {}))
+
+    def phase_done(name: str, t0: float) -> None:
+        phases[name] = round(time.perf_counter() - t0, 2)
+        if on_phase:
+            on_phase(name, phases[name])
 
     t0 = time.perf_counter()
     check_disk(work, sizes["samples"], "the profile samples")
     pcfg = ProfileConfig(tokens=pipe.profile_tokens, block_len=pipe.block_len, batch_size=pipe.profile_batch,
                          samples_per_layer=pipe.samples_per_layer, chunk_rows=max(1, pipe.samples_per_layer),
                          device=str(device), dtype="auto", progress=progress, checkpoint_seconds=1e9)
-    prof = run_profile(str(bm.hf_dir), [str(calib_text)], str(work / "profile"), pcfg)
+    prof = run_profile(str(bm.hf_dir), [str(calib_text)], str(work / "profile"), pcfg,
+                       resume=(work / "profile").is_dir())
     _free(device)
     man["profile"] = {"tokens": prof["data"]["tokens"], "samples_per_layer": prof["samples"]["per_layer"],
                       "seconds": prof["seconds"],
@@ -727,8 +760,11 @@ def prepare_bench_model(syn: SyntheticConfig, pipe: PipelineConfig, work_root: P
     reader = SampleReader(work / "profile" / "samples")
     tcfg = TrainConfig(recall_target=pipe.recall_target, ranks=(pipe.rank,), max_epochs=pipe.max_epochs,
                        min_steps=pipe.min_steps, input_kind="ffn_norm", device=str(device), progress=progress)
+    # the FFN weights the trainer reads, in the build's run dtype (fp16 on CUDA, fp32 on the CPU)
+    model = load_model(bm.hf_dir, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
     ffns = [layer.ffn for layer in model.layers]
-    pset, metrics = train_all(reader, ffns, tcfg, work / "predictors-partial")
+    pset, metrics = train_all(reader, ffns, tcfg, work / "predictors-partial",
+                              resume=(work / "predictors-partial").is_dir())
     metrics["targets"] = {"recall": tcfg.recall_target, "density_factor": tcfg.density_factor,
                           "max_param_frac": tcfg.max_param_frac}
     summary = summarize(metrics, tcfg.recall_target, tcfg.density_factor, tcfg.max_param_frac)
@@ -770,9 +806,7 @@ def prepare_bench_model(syn: SyntheticConfig, pipe: PipelineConfig, work_root: P
     phase_done("pack", t0)
 
     man["complete"] = True
-    tmp = man_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(man, indent=1))
-    tmp.replace(man_path)
+    _write_manifest(man_path, man)
     bm.manifest = man
     return bm
 

@@ -169,3 +169,35 @@ def test_all_stopped_anywhere_resumes_with_resume_to_the_same_model(model_and_da
     # a plain rerun over the finished work directory neither resumes silently nor deletes it
     code, _, err = _all(model, data, tmp_path / "other-out", "--work-dir", str(out.with_name("hyb.work")))
     assert code == 2 and "--resume" in err
+
+
+@pytest.mark.parametrize("where", ["profile", "predictors"])
+def test_the_benchmarks_model_build_stopped_anywhere_resumes(tmp_path, monkeypatch, where):
+    """The synthetic benchmark model's build (bench/synthetic.py): stopped in its profile or its predictor
+    training, the next call goes on after the last finished phase and gives the uninterrupted build's result."""
+    import predictors.train as ptrain
+    from bench.synthetic import prepare_bench_model, shape_configs
+    from hybrid_runtime.model import Transformer
+    syn, pipe = shape_configs("tiny", seed=0)
+    full = prepare_bench_model(syn, pipe, tmp_path / "full", "cpu", progress=False)
+    if where == "profile":
+        _sigint_on_call(monkeypatch, Transformer, "forward", {2})
+    else:
+        orig = ptrain.fit_layer_rank
+        n = {"calls": 0}
+
+        def stop_at_second_layer(*a, **k):
+            n["calls"] += 1
+            if n["calls"] == 2:
+                raise KeyboardInterrupt
+            return orig(*a, **k)
+        monkeypatch.setattr(ptrain, "fit_layer_rank", stop_at_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_bench_model(syn, pipe, tmp_path / "stopped", "cpu", progress=False)
+    monkeypatch.undo()
+    again = prepare_bench_model(syn, pipe, tmp_path / "stopped", "cpu", progress=False)
+    assert "write-checkpoint" in again.manifest["phases"] and again.manifest["complete"]
+    for key in ("profile", "predictors"):
+        strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}   # noqa: E731 (timings differ)
+        assert strip(again.manifest[key]) == strip(full.manifest[key])
+    assert _hybrid_result(again.hybrid_dir) == _hybrid_result(full.hybrid_dir)
