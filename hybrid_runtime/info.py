@@ -51,6 +51,8 @@ def model_info(name: str | None) -> dict:
         "tied_embeddings": cfg.tie_embeddings,
         "dtype": stored,
         "weight_files": len(md.weight_files),
+        **({"gguf_tensor_types": ", ".join(sorted({t.tensor_type.name for t in md.gguf.tensors}))}
+           if md.gguf is not None else {}),
         # what `generate`/`chat` run in by default (--dtype overrides)
         "run_dtype": {"cuda": stored, "cpu": str(cpu_run_dtype(md.dtype)).replace("torch.", "")} if not md.is_hybrid
         else {"cuda": f"{stored} (attention, predictors, hot rows)", "cpu": "float32 (attention, predictors, hot rows)",

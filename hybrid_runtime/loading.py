@@ -75,7 +75,7 @@ def native_name(hf_name: str) -> tuple[str, bool] | None:
 def resolve_model(name: str | os.PathLike) -> Path:
     """A directory, an alias (`prosparse-7b`) or a repo id (`org/name`) -> local directory."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return path
     name = str(name)
     repo_id = MODEL_ALIASES.get(name.lower())
@@ -147,6 +147,13 @@ def load_model(path: str | os.PathLike | ModelDir, device: str | torch.device = 
     if missing:
         raise UserError(f"{model_dir}: checkpoint lacks {len(missing)} tensors required by config.json, "
                         f"e.g. {missing[0]!r}")
+    if md.gguf is not None:
+        from hybrid_runtime.gguf_reader import quantized_types
+        kinds = quantized_types(md.gguf)
+        if kinds:
+            print(f"note: {model_dir.name}: {'/'.join(kinds)} blocks de-quantized to "
+                  f"{str(dtype).replace('torch.', '')} (the runtime has no quantized weight format yet)",
+                  file=sys.stderr)
     for i in range(cfg.n_layers):  # layer by layer: only one layer's q/k/v exist twice at a time
         fuse_qkv_(state, f"layers.{i}.attn.")
     model.load_state_dict(state, strict=True, assign=True)
@@ -156,9 +163,21 @@ def load_model(path: str | os.PathLike | ModelDir, device: str | torch.device = 
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The model's own tokenizer, from its directory only (no network)."""
+    """The model's own tokenizer, from its directory (or GGUF file) only (no network)."""
     from transformers import AutoTokenizer
     model_dir = Path(model_dir)
+    if model_dir.suffix.lower() == ".gguf" and model_dir.is_file():
+        from transformers.utils import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:   # transformers builds the tokenizer and chat template from the file's metadata
+            return AutoTokenizer.from_pretrained(str(model_dir.parent), gguf_file=model_dir.name,
+                                                 local_files_only=True)
+        except Exception as e:
+            raise UserError(f"{model_dir}: cannot build the tokenizer from the GGUF metadata "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
                                                     "tokenizer_config.json", "vocab.json")):
         raise UserError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer.model)")

@@ -1,4 +1,5 @@
-"""The one reader of a model directory: an HF checkpoint or a hybrid model directory.
+"""The one reader of a model directory: an HF checkpoint, a hybrid model directory, or a GGUF file
+(llama.cpp's format, read by gguf_reader.py).
 
 `open_model_dir(path)` reads `config.json`, finds the weight files and (for a hybrid directory)
 reads and checks `hybrid.json` — once — into a `ModelDir` that the rest of the runtime receives.
@@ -208,6 +209,7 @@ class ModelDir:
     config: ModelConfig
     weight_files: list[Path]
     hybrid: HybridMeta | None          # None: a plain HF checkpoint (HF tensor names)
+    gguf: object | None = None         # a GGUF file's reader (path is then the file)
     _dtype: torch.dtype | None = field(default=None, repr=False)
 
     @property
@@ -227,10 +229,17 @@ class ModelDir:
     def dtype(self) -> torch.dtype:
         """The checkpoint's floating dtype (read from the first weight file's header, once)."""
         if self._dtype is None:
-            self._dtype = checkpoint_dtype(self.weight_files)
+            if self.gguf is not None:
+                from hybrid_runtime.gguf_reader import float_dtype
+                self._dtype = float_dtype(self.gguf)
+            else:
+                self._dtype = checkpoint_dtype(self.weight_files)
         return self._dtype
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor, Path]]:
+        if self.gguf is not None:
+            from hybrid_runtime.gguf_reader import iter_gguf_tensors
+            return iter_gguf_tensors(self.gguf, self.hf_config, self.path)
         return iter_checkpoint_tensors(self.weight_files)
 
 
@@ -239,6 +248,11 @@ def open_model_dir(path: str | os.PathLike | ModelDir) -> ModelDir:
     if isinstance(path, ModelDir):
         return path
     path = Path(path)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from hybrid_runtime.gguf_reader import gguf_config, open_gguf
+        reader = open_gguf(path)
+        hf = gguf_config(reader, path)
+        return ModelDir(path, hf, ModelConfig.from_hf(hf), [path], None, gguf=reader)
     hf = read_config(path)
     cfg = ModelConfig.from_hf(hf)
     hybrid = read_hybrid_meta(path) if (path / "hybrid.json").is_file() else None

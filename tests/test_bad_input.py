@@ -130,6 +130,9 @@ def inputs(tmp_path_factory):
     (w / "model.safetensors").unlink()
     (w / "pytorch_model.bin").write_bytes(b"not a pickle")
     p["w_bin_garbage"] = w
+    (bad / "garbage.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    (bad / "empty.gguf").write_bytes(b"")
+    p["gguf_garbage"], p["gguf_empty"] = bad / "garbage.gguf", bad / "empty.gguf"
     for name, index in (("w_index_outside", {"weight_map": {"x": "../../relu/model.safetensors"}}),
                         ("w_index_abs", {"weight_map": {"x": str(relu / "model.safetensors")}}),
                         ("w_index_bad", {"weights": []}), ("w_index_missing", {"weight_map": {"x": "m-2.safetensors"}})):
@@ -238,6 +241,9 @@ CASES: list[tuple[str, list[str], str]] = [
     (RUN, GEN + ["--model", "{w_garbage}"], "not a valid safetensors file"),
     (RUN, GEN + ["--model", "{w_shape}"], "has shape"),
     (RUN, GEN + ["--model", "{w_bin_garbage}"], "cannot read PyTorch checkpoint"),
+    (RUN, GEN + ["--model", "{gguf_garbage}"], "not a readable GGUF file"),
+    (RUN, GEN + ["--model", "{gguf_empty}"], "not a readable GGUF file"),
+    (RUN, ["info", "--model", "{gguf_garbage}"], "not a readable GGUF file"),
     (RUN, GEN + ["--model", "{w_index_outside}"], "outside the model directory"),
     (RUN, GEN + ["--model", "{w_index_abs}"], "outside the model directory"),
     (RUN, GEN + ["--model", "{w_index_bad}"], "malformed shard index"),

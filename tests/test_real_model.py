@@ -70,3 +70,31 @@ def test_cett_pipeline_and_modes_on_the_real_model(smollm2, tmp_path):
     # the modes approximate dense, they do not replace it with noise
     for r in (exact, pred):
         assert -0.5 < r["perplexity_vs_dense"] < 1.0 and 0.4 < r["teacher_forced_agreement"] <= 1.0
+
+
+def test_the_gguf_file_loads_directly_and_equals_transformers(smollm2):
+    """`--model FILE.gguf`: the package's Q4_1 GGUF read with the gguf package (de-quantized, q/k rows put
+    back in HF order) gives exactly the weights transformers reads from it, the same tokenizer and chat
+    template, and transformers' greedy tokens."""
+    from bench.real_model import smollm2_gguf
+    from hybrid_runtime.generate import SamplingParams
+    from hybrid_runtime.loading import load_model, load_tokenizer
+    from hybrid_runtime.session import open_model
+    gguf_path = smollm2_gguf()
+    direct = load_model(gguf_path, dtype=torch.float32).state_dict()
+    via_hf = load_model(smollm2, dtype=torch.float32).state_dict()
+    assert direct.keys() == via_hf.keys()
+    for name in direct:
+        assert torch.equal(direct[name], via_hf[name]), name
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    ids = load_tokenizer(gguf_path).apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False)
+    assert ids == load_tokenizer(smollm2).apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=False)
+    lm = open_model(str(gguf_path), device="cpu", dtype="float32", context=96)
+    ours = lm.generator().generate(ids, SamplingParams(max_new_tokens=12)).tokens
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref[:len(ours)] and len(ours) >= min(len(ref), 4)
