@@ -56,7 +56,6 @@ def main(argv=None) -> None:
     from convert.data import load_token_blocks
     from convert.evaluate import evaluate_modes, format_modes_table
     from hybrid_runtime.loading import load_tokenizer
-    torch.set_num_threads(torch.get_num_threads())
     model = Path(args.model) if args.model else build_smollm2()
     blocks = load_token_blocks(args.data, load_tokenizer(model), args.block_len, "heldout",
                                max_tokens=args.eval_tokens)

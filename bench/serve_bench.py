@@ -1,9 +1,8 @@
 """`hybrid-run serve` under load: time to first token and tokens/s per client at 1, 4 and 8 concurrent clients.
 
 The server runs in this process on 127.0.0.1 (an ephemeral port); each client is a thread with the official
-`openai` client sending one streaming chat request (the same prompt length and `max_tokens` for all, greedy,
-EOS ignored by asking for more tokens than the model stops at is not possible, so the completion length is
-reported). Requests are served one at a time in arrival order (batch 1), so with N clients the k-th waits
+`openai` client sending one streaming chat request (the same prompt length and `max_tokens` for all,
+greedy; a model may stop at EOS earlier, so the completion length is reported). Requests are served one at a time in arrival order (batch 1), so with N clients the k-th waits
 for the k-1 before it: the table shows that queueing directly.
 
     python -m bench.serve_bench                        # the demo model on the CPU

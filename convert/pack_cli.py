@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from hybrid_runtime.errors import (OUTPUT_MARKER, UserError, check_output_path, log,
+from hybrid_runtime.errors import (OUTPUT_MARKER, UserError, check_output_path, log, path_relation,
                                    prepare_output_dir)
 
 
@@ -127,8 +127,7 @@ def all_cmd(ctx, model, data_files, out_dir, tokens, samples_per_layer, block_le
     check_profile_inputs(str(src), list(data_files), None, ProfileConfig(
         tokens=tokens, block_len=block_len, samples_per_layer=samples_per_layer, dtype=dtype, cett=cett))
     work = check_output_path(work_dir or out.with_name(out.name + ".work"), inputs, what="--work-dir")
-    if work.resolve() == out.resolve() or work.resolve().is_relative_to(out.resolve()) \
-            or out.resolve().is_relative_to(work.resolve()):
+    if path_relation(work.resolve(), out.resolve()):
         raise UserError(f"--work-dir {work} and --out {out} must be separate directories")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: output directory exists and is not empty (use --force to overwrite)")

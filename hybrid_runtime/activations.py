@@ -119,9 +119,7 @@ class Activation:
 
     def __call__(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """a = gate_fn(g) * up_fn(u), elementwise, in g's dtype (cut to 0 where |a| <= eps)."""
-        if self.name == "drelu":
-            return F.relu(g) * F.relu(u)
-        a = self.gate_fn(g) * u
+        a = self.gate_fn(g) * self.up_fn(u)
         if self.eps is not None:
             a = torch.where(a.abs() > self.eps, a, torch.zeros((), dtype=a.dtype, device=a.device))
         return a

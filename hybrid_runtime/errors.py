@@ -94,7 +94,8 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
 
 # ----------------------------------------------------------------------------- outputs
 
-def _relation(out: Path, inp: Path) -> str | None:
+def path_relation(out: Path, inp: Path) -> str | None:
+    """How resolved path `out` relates to `inp`: "is", "contains", "lies inside", or None."""
     if out == inp:
         return "is"
     if inp.is_relative_to(out):
@@ -114,7 +115,7 @@ def check_output_path(path: str | os.PathLike, inputs=(), what: str = "--out", k
     for name, p in inputs:
         if p is None:
             continue
-        rel = _relation(resolved, Path(p).expanduser().resolve())
+        rel = path_relation(resolved, Path(p).expanduser().resolve())
         if rel:
             raise UserError(f"{what} {out} {rel} the input {name} {p}: an output never replaces or writes into "
                             "an input; choose another output")

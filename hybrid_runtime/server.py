@@ -19,7 +19,6 @@ server-sent events out) is a few hundred lines with no extra dependency to insta
 from __future__ import annotations
 
 import json
-import math
 import select
 import socket
 import threading
@@ -27,7 +26,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from hybrid_runtime.errors import UserError, log
+from hybrid_runtime.errors import UserError, check_number, log
 from hybrid_runtime.generate import SamplingParams
 
 
@@ -83,13 +82,12 @@ def _number(body: dict, key: str, default, low: float | None = None, high: float
     v = body.get(key, default)
     if v is None:
         return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not math.isfinite(v):
-        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
-    if low is not None and (v <= low if low_open else v < low):
-        raise BadRequest(f"'{key}' must be {'>' if low_open else '>='} {low}, got {v}", key)
-    if high is not None and v > high:
-        raise BadRequest(f"'{key}' must be <= {high}, got {v}", key)
+    if integer and (not isinstance(v, int) or isinstance(v, bool)):
+        raise BadRequest(f"'{key}' must be an integer, got {v!r}", key)
+    try:
+        check_number(f"'{key}'", v, low=low, high=high, low_open=low_open)
+    except UserError as e:
+        raise BadRequest(str(e), key) from None
     return v
 
 
