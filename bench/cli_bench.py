@@ -41,6 +41,9 @@ from bench.synthetic import SPARSITY_PROFILES
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--cold-format", type=click.Choice(["auto", "bf16", "fp16", "int8"]), default="auto",
               show_default=True, help="Storage of the hybrid's cold rows on the CPU.")
+@click.option("--cpu-format", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
+              help="Weights of the CPU systems: this engine in bfloat16 or float32, llama.cpp from an F16 or F32 GGUF "
+                   "(the hybrid's cold rows stay --cold-format).")
 @click.option("--profile-tokens-pipeline", "pipe_tokens", type=int, default=None,
               help="Synthetic model: tokens to profile (default per shape).")
 @click.option("--predictor-rank", type=int, default=None, help="Synthetic model: predictor rank (default 2 x latent).")
@@ -60,7 +63,7 @@ from bench.synthetic import SPARSITY_PROFILES
 @click.option("--rebuild", is_flag=True, help="Rebuild the synthetic model even if a matching one exists.")
 @click.option("--force", is_flag=True, help="Overwrite today's result files instead of adding a time suffix.")
 def bench(model, systems, gpu_memory, prompt_tokens, new_tokens, runs, out, profile_time, sweep, sweep_new_tokens,
-          time_budget_s, work, seed, threads, cold_format, pipe_tokens, predictor_rank, predictor_epochs,
+          time_budget_s, work, seed, threads, cold_format, cpu_format, pipe_tokens, predictor_rank, predictor_epochs,
           samples_per_layer, sparsity_profile, target_density, freq_sigma, clean_work, small, rebuild, force):
     """Benchmark the hybrid runtime against dense baselines; print a table, write JSON/Markdown/PNG."""
     from bench.run_bench import run_bench
@@ -72,6 +75,6 @@ def bench(model, systems, gpu_memory, prompt_tokens, new_tokens, runs, out, prof
     run_bench(BenchOptions(model=model, systems=systems, gpu_memory=gpu_memory, prompt_tokens=prompt_tokens,
                            new_tokens=new_tokens, runs=runs, out=out, profile_time=profile_time, sweep=sweep,
                            sweep_new_tokens=sweep_new_tokens, time_budget_s=time_budget_s, work=work, seed=seed,
-                           threads=threads, cold_format=cold_format, rebuild=rebuild, force=force,
+                           threads=threads, cold_format=cold_format, cpu_format=cpu_format, rebuild=rebuild, force=force,
                            pipeline=pipeline, sparsity_profile=sparsity_profile, target_density=target_density,
                            freq_sigma=freq_sigma, clean_work=clean_work))

@@ -47,11 +47,14 @@ SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in [
     SystemSpec("llamacpp-cpu", "llama.cpp (llama-cpp-python), CPU only", False, False, True, False, True),
     SystemSpec("dense-cpu", "this engine, dense, on the CPU", False, False, True, False, False),
     SystemSpec("hybrid-cpu", "hybrid runtime on the CPU only (predictor mode, Numba kernels)", False, False, False, True, False),
+    SystemSpec("hybrid-cpu-exact", "hybrid runtime on the CPU only (exact mode: every gate row, up/down rows where "
+               "the gate fires)", False, False, False, True, False),
     SystemSpec("hf-cpu", "transformers generate() on the CPU", False, False, True, False, True),
 ]}
 GPU_DEFAULT = ["dense-gpu", "hybrid", "dense-offload", "hybrid-gpu", "hf-gpu", "hf-offload", "llamacpp-gpu",
                "llamacpp-offload"]
-CPU_DEFAULT = ["dense-cpu", "hybrid-cpu", "hf-cpu"]
+CPU_DEFAULT = ["dense-cpu", "hybrid-cpu", "hybrid-cpu-exact", "hf-cpu", "llamacpp-cpu"]
+CPU_FORMATS = {"bf16": "bfloat16", "f32": "float32"}   # --cpu-format -> the torch dtype of the CPU systems
 REFERENCE_FIGURES = {  # issue 7, measured on the H100 machine (2026-11-22) with the 7B shape: context only
     "llama.cpp, whole model on the GPU": 143.6, "llama.cpp, 20/32 layers on the GPU (~8 GiB)": 18.3,
     "llama.cpp, CPU only": 7.6, "PowerInfer, 8 GiB": 27.4, "PowerInfer, whole model on the GPU": 66.3,
@@ -105,6 +108,7 @@ class BenchOptions:
     seed: int = 0
     threads: int | None = None
     cold_format: str = "auto"
+    cpu_format: str = "bf16"            # CPU systems: weights in bf16 (llama.cpp: F16 GGUF) or f32 (F32 GGUF)
     rebuild: bool = False
     force: bool = False
     pipeline: dict = field(default_factory=dict)   # PipelineConfig overrides for the synthetic model

@@ -264,7 +264,7 @@ def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budg
         prewarm.join()
         phases["wait for prewarm"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        nbytes = 1 * GiB if cuda else 128 * 1024 ** 2
+        nbytes = 1 * GiB if cuda else 512 * 1024 ** 2   # past the last-level cache (260 MiB on the dev VM)
         bw = {"cpu_read_GBps": measure_cpu_read_bw(nbytes), "cpu_read_buffer_bytes": nbytes}
         res["device"].update(numba_runtime_info())     # the threading layer is known after a parallel call
         if cuda:
@@ -279,8 +279,8 @@ def _run(opts: BenchOptions, log: BenchLog, cuda: bool, systems: list[str], budg
         write_results(res, out_dir, stem, final=False, log=log)
         log("bandwidths: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in bw.items()))
         log(f"dense CPU path: torch {cpu_dtype} matvec ({cpu_gbps:.1f} GB/s; "
-            + ", ".join(f"{k} {_f(v)} GB/s" for k, v in mv.items()) + ") -> CPU layers of dense-offload/dense-cpu in "
-            + cpu_dtype)
+            + ", ".join(f"{k} {_f(v)} GB/s" for k, v in mv.items()) + ") -> CPU layers of dense-offload in "
+            + cpu_dtype + f"; dense-cpu, hybrid-cpu: --cpu-format {opts.cpu_format} (one Numba call a token)")
         log(f"CPU: {res['device'].get('cpu')}; numba {res['device'].get('numba_threads')} threads, threading layer "
             f"{res['device'].get('numba_threading_layer')}; fp16 widening {res['device'].get('numba_fp16_widening')}")
 

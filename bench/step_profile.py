@@ -51,6 +51,46 @@ class SelectionCounter:
         return out
 
 
+class FiringCounter:
+    """Exact mode: per layer, the cold rows whose gate fires per decode call (what exact mode reads beyond
+    every gate row: their up and down rows). Each layer's gate rows are decoded to fp32 once, here, and
+    the count is g = x . gate^T with the layer's activation rule; `cold_ffn` is wrapped (instance
+    attribute), hybrid.py is not modified."""
+
+    def __init__(self, model):
+        from hybrid_runtime.cpu_ffn import decode_rows
+        self.layers = []
+        for layer in model.layers:
+            ffn = layer.ffn
+            if getattr(ffn, "cold", None) is None or hasattr(ffn, "predictor"):
+                continue
+            rows = ffn.cold.cold
+            gate = torch.from_numpy(decode_rows(rows.gate, rows.fmt_code, rows.gate_scale))   # (n_cold, d)
+            acc = [0.0, 0]
+            orig = ffn.cold_ffn
+
+            def counted(x_host, cold_sel, orig=orig, gate=gate, act=ffn.activation, acc=acc):
+                g = torch.from_numpy(x_host) @ gate.T                                          # (T, n_cold)
+                acc[0] += float(act.gate_fires(g).sum(dim=-1).double().mean())
+                acc[1] += 1
+                return orig(x_host, cold_sel)
+
+            self.layers.append((ffn, rows.n_rows, acc))
+            ffn.cold_ffn = counted
+
+    def reset(self) -> None:
+        for *_, acc in self.layers:
+            acc[0], acc[1] = 0.0, 0
+
+    def restore(self) -> list[tuple[float, float, float]]:
+        """Per layer (0 hot selected, every cold row, mean firing cold rows) per call; unwraps."""
+        out = []
+        for ffn, n_rows, acc in self.layers:
+            del ffn.cold_ffn
+            out.append((0.0, float(n_rows), acc[0] / max(acc[1], 1)))
+        return out
+
+
 def _decode_loop(model, prompt: list[int], n_tokens: int, device: torch.device, per_token=None,
                  after_prefill=None) -> None:
     """Prefill, then n_tokens greedy decode steps of `model` (eager), calling per_token(t0, t1, t2):

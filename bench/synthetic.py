@@ -171,6 +171,10 @@ SHAPES: dict[str, tuple[dict, dict]] = {
     # name: (SyntheticConfig fields, PipelineConfig fields)
     "7b": (dict(dim=4096, n_layers=32, n_heads=32, ffn_dim=11008), {}),
     "13b": (dict(dim=5120, n_layers=40, n_heads=40, ffn_dim=13824), {}),
+    # ~1B parameters (TinyLlama-like, bf16 weights 1.9 GB: several times any CPU's L3): the CPU benchmark
+    "1b": (dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048,
+                calib_tokens=4096, calib_seq_len=256),
+           dict(profile_tokens=4096, block_len=256, samples_per_layer=4096, max_epochs=4, profile_batch=4)),
     "small": (dict(dim=256, n_layers=4, n_heads=4, ffn_dim=688, vocab_size=4096, max_seq_len=1024,
                    calib_tokens=2048, calib_seq_len=256),
               dict(profile_tokens=4096, block_len=256, samples_per_layer=2048, max_epochs=3, profile_batch=4)),

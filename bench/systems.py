@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from hybrid_runtime.errors import UserError
-from bench.options import BenchLog, BenchOptions, GiB, REPO, SYSTEMS
+from bench.options import CPU_FORMATS, BenchLog, BenchOptions, GiB, REPO, SYSTEMS
 from bench.limits import (Limit, _proc_status, free_memory, kv_read_bytes, param_bytes, reset_peak_rss,
                           sequential_limit)
-from bench.step_profile import (PhaseProfiler, SelectionCounter, _decode_loop, format_graphed_profile,
+from bench.step_profile import (FiringCounter, PhaseProfiler, SelectionCounter, _decode_loop, format_graphed_profile,
                                 format_profile, profile_graphed_step, summarise_graphed_profile)
 
 # --------------------------------------------------------------------------------------- runners
@@ -215,11 +215,11 @@ def _time_runs(runner, ctx: Ctx, name: str, n_new: int, runs: int,
 LOAD_S_PER_GB = {"dense-gpu": 0.25, "hybrid": 0.95, "dense-offload": 0.36, "hybrid-gpu": 0.51, "hf-gpu": 0.17,
                  "hf-offload": 0.11, "llamacpp-gpu": 1.0, "llamacpp-offload": 1.0, "llamacpp-cpu": 1.0,
                  "dense-cpu": 0.5,
-                 "hybrid-cpu": 1.0, "hf-cpu": 0.5}
+                 "hybrid-cpu": 1.0, "hybrid-cpu-exact": 1.0, "hf-cpu": 0.5}
 DECODE_MS_PER_GB = {"dense-gpu": 0.63, "hybrid": 1.64, "dense-offload": 12.3, "hybrid-gpu": 0.49, "hf-gpu": 2.2,
                     "hf-offload": 68.0, "llamacpp-gpu": 0.52, "llamacpp-offload": 4.1, "llamacpp-cpu": 10.0,
                     "dense-cpu": 30.0,
-                    "hybrid-cpu": 30.0, "hf-cpu": 60.0}
+                    "hybrid-cpu": 30.0, "hybrid-cpu-exact": 30.0, "hf-cpu": 60.0}
 GGUF_EXPORT_S_PER_GB = 4.0     # f16 GGUF export: 4.1 s/GB measured on the 2-core dev VM (mostly one core)
 
 
@@ -236,7 +236,8 @@ def min_system_seconds(ctx: Ctx, name: str, new_tokens: int = MIN_TIMED_TOKENS) 
     (+ the GGUF export for llama.cpp when it is not on disk yet)."""
     gb = dense_weight_bytes(ctx.cfg) / 1e9
     s = 3.0 + LOAD_S_PER_GB.get(name, 1.0) * gb + (8 + new_tokens) * DECODE_MS_PER_GB.get(name, 30.0) * gb / 1e3
-    if name.startswith("llamacpp") and ctx.hf_dir is not None and not gguf_path(ctx).is_file():
+    if name.startswith("llamacpp") and ctx.hf_dir is not None and \
+            not gguf_path(ctx, gguf_type(ctx, name == "llamacpp-cpu")).is_file():
         s += GGUF_EXPORT_S_PER_GB * gb
     return s
 
@@ -271,7 +272,8 @@ def _open(ctx: Ctx, path: Path, device: str, **kw):
 def _dense_limit(ctx: Ctx, model, where: str) -> Limit:
     cfg = ctx.cfg
     elem = model.tok_embeddings.weight.element_size()
-    weights = param_bytes(model) - model.tok_embeddings.weight.numel() * elem   # one embedding row is read
+    # one embedding row is read; a tied lm_head is the same tensor, read whole
+    weights = param_bytes(model) - (0 if cfg.tie_embeddings else model.tok_embeddings.weight.numel() * elem)
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     if where == "gpu":
         return sequential_limit(weights + kv, 0, 0, ctx.bw, "weights + KV / GPU bw")
@@ -285,10 +287,17 @@ def build_dense_gpu(ctx: Ctx):
         _dense_limit(ctx, lm.model, "gpu")
 
 
+def cpu_format_dtype(ctx: Ctx) -> str:
+    """The torch dtype of this engine's CPU-only systems (--cpu-format)."""
+    return CPU_FORMATS[ctx.opts.cpu_format]
+
+
 def build_dense_cpu(ctx: Ctx):
-    lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", dtype=ctx.cpu_dtype)
-    info = {"dtype": str(lm.dtype).replace("torch.", ""), "cpu_dtype_choice": ctx.cpu_dtype}
-    return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context), info, _dense_limit(ctx, lm.model, "cpu")
+    lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", dtype=cpu_format_dtype(ctx))
+    info = {"dtype": str(lm.dtype).replace("torch.", ""),
+            "decode": lm.decode_step.describe() if lm.decode_step is not None else "torch (eager)"}
+    return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context, lm.decode_step), info, \
+        _dense_limit(ctx, lm.model, "cpu")
 
 
 def build_dense_offload(ctx: Ctx, budget: int | None = None):
@@ -311,8 +320,10 @@ def build_dense_offload(ctx: Ctx, budget: int | None = None):
     return EngineRunner(model, load_tokenizer(ctx.dense_dir), ctx.device, ctx.context), info, lim
 
 
-def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple[float, float]], gpu: bool) -> Limit:
-    """Per layer: attention + predictor + norms on the GPU, then max(hot rows / GPU bw, cold rows / CPU bw)."""
+def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple], gpu: bool) -> Limit:
+    """Per layer: attention + predictor + norms on the GPU, then max(hot rows / GPU bw, cold rows / CPU bw).
+    counts per layer: (hot selected, cold selected) in predictor mode, a selected neuron costing its gate row
+    and, at the predictors' precision, its up and down rows; (0, cold rows, firing cold rows) in exact mode."""
     model, cfg = lm.model, ctx.cfg
     bw = ctx.bw
     prec = ctx.predictor_precision if ctx.predictor_precision is not None else 1.0
@@ -323,13 +334,15 @@ def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple[float, float]], gpu: bool) ->
     fixed = (model.output.weight.numel() + model.norm.weight.numel()) * elem
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     gpu_bytes, cpu_bytes, secs = fixed + kv, 0.0, 0.0
-    for (hot_sel, cold_sel), layer in zip(counts or [(0.0, 0.0)] * cfg.n_layers, model.layers):
+    for c, layer in zip(counts or [(0.0, 0.0)] * cfg.n_layers, model.layers):
+        hot_sel, cold_sel = c[0], c[1]
+        fired = c[2] if len(c) > 2 else None
         ffn = layer.ffn
         seq = param_bytes(layer.attn) + param_bytes(layer.attn_norm) + param_bytes(ffn.norm)
         seq += param_bytes(ffn.predictor) if hasattr(ffn, "predictor") else 0
         hot = hot_sel * rows_per_selected * cfg.dim * elem
         cold_row = ffn.cold.cold.row_bytes if getattr(ffn, "cold", None) is not None else cfg.dim * 2
-        cold = cold_sel * rows_per_selected * cold_row
+        cold = (cold_sel + 2 * fired if fired is not None else cold_sel * rows_per_selected) * cold_row
         gpu_bytes += seq + hot
         cpu_bytes += cold
         if gpu:
@@ -338,14 +351,17 @@ def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple[float, float]], gpu: bool) ->
         else:
             secs += (seq + hot + cold) / cpu_bw
     secs += (fixed + kv) / (gpu_bw or cpu_bw)
+    rows = ("every gate row + up/down rows of the firing neurons" if lm.mode == "exact" else
+            f"{rows_per_selected:.2f} rows per selected neuron (precision {prec:.2f})")
     return Limit(gpu_bytes if gpu else 0.0, cpu_bytes if gpu else gpu_bytes + cpu_bytes, 0.0, 1e3 * secs,
-                 f"per layer attn+pred, then max(hot/GPU, cold/CPU); {rows_per_selected:.2f} rows per "
-                 f"selected neuron (precision {prec:.2f})")
+                 f"per layer attn+pred, then max(hot/GPU, cold/CPU); {rows}")
 
 
 def _hybrid_info(lm, counts) -> dict:
     cfg = lm.config
-    info = {"mode": lm.mode, "cuda_graph": lm.decode_step is not None,
+    step = lm.decode_step
+    info = {"mode": lm.mode, "decode": "torch (eager)" if step is None else
+            step.describe() if hasattr(step, "describe") else "CUDA graph",
             "dtype": str(lm.dtype).replace("torch.", "")}
     p = lm.placement
     if p is not None:
@@ -367,21 +383,24 @@ def _hybrid_info(lm, counts) -> dict:
     if counts:
         info["selected_hot_per_token"] = float(sum(c[0] for c in counts))
         info["selected_cold_per_token"] = float(sum(c[1] for c in counts))
+        if len(counts[0]) > 2:
+            info["firing_cold_per_token"] = float(sum(c[2] for c in counts))
     return info
 
 
-def _selection_counts(ctx: Ctx, lm) -> list[tuple[float, float]]:
-    counter = SelectionCounter(lm.model)
+def _selection_counts(ctx: Ctx, lm) -> list[tuple]:
+    counter = FiringCounter(lm.model) if lm.mode == "exact" else SelectionCounter(lm.model)
     if not counter.layers:
         return []
     _decode_loop(lm.model, ctx.prompt, 8, lm.device, after_prefill=counter.reset)   # decode tokens only
     return counter.restore()
 
 
-def build_hybrid(ctx: Ctx, budget: int | None = None, full_gpu: bool = False, device: str = "cuda"):
+def build_hybrid(ctx: Ctx, budget: int | None = None, full_gpu: bool = False, device: str = "cuda",
+                 mode: str = "predictor"):
     cold_format = None if ctx.opts.cold_format == "auto" else ctx.opts.cold_format
     if device == "cpu":
-        lm = _open(ctx, ctx.hybrid_dir, "cpu", mode="predictor", cold_format=cold_format)
+        lm = _open(ctx, ctx.hybrid_dir, "cpu", mode=mode, cold_format=cold_format, dtype=cpu_format_dtype(ctx))
     elif full_gpu:
         lm = _open(ctx, ctx.hybrid_dir, "cuda", mode="predictor", hot_fraction=1.0, cold_format=cold_format)
     else:
@@ -398,8 +417,9 @@ def build_hybrid(ctx: Ctx, budget: int | None = None, full_gpu: bool = False, de
 def _hf_limit(ctx: Ctx, model) -> Limit:
     gpu_w, cpu_w = 0, 0       # accelerate's CPU offload leaves meta tensors on the module: counted as CPU
     emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is emb     # then the lm_head reads it whole
     for p in model.parameters():
-        if p is emb:
+        if p is emb and not tied:
             continue
         nb = p.numel() * p.element_size()
         if p.device.type == "cuda":
@@ -423,7 +443,7 @@ def build_hf(ctx: Ctx, offload: bool = False, device: str = "cuda"):
         raise _Skip(f"transformers has no activation {cfg.get('hidden_act')!r}")
     kw: dict = {}
     if device == "cpu":
-        kw = {"dtype": torch.float32}
+        kw = {"dtype": getattr(torch, cpu_format_dtype(ctx))}   # the same format as the engine's CPU systems
     elif offload:
         if importlib.util.find_spec("accelerate") is None:
             raise _Skip("accelerate is not installed (pip install accelerate)")
@@ -460,23 +480,32 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def gguf_path(ctx: Ctx) -> Path:
-    """Where the f16 GGUF of ctx.hf_dir lives: beside the checkpoint when it is in the bench work dir,
-    else under <work>/gguf/."""
+def gguf_type(ctx: Ctx, cpu_only: bool = True) -> str:
+    """The GGUF weight type llama.cpp runs: F32 for a CPU-only run under --cpu-format f32, else F16."""
+    return "f32" if (cpu_only or not ctx.cuda) and ctx.opts.cpu_format == "f32" else "f16"
+
+
+def gguf_path(ctx: Ctx, kind: str = "f16") -> Path:
+    """Where the `kind` (f16/f32) GGUF of ctx.hf_dir lives: beside the checkpoint when it is in the bench
+    work dir, else under <work>/gguf/."""
     hf = ctx.hf_dir.resolve()
     work = Path(ctx.opts.work).expanduser().resolve()
     if work in hf.parents:
-        return hf.parent / "llamacpp" / "model-f16.gguf"
-    return work / "gguf" / f"{hf.name}-{hashlib.sha1(str(hf).encode()).hexdigest()[:10]}-f16.gguf"
+        return hf.parent / "llamacpp" / f"model-{kind}.gguf"
+    return work / "gguf" / f"{hf.name}-{hashlib.sha1(str(hf).encode()).hexdigest()[:10]}-{kind}.gguf"
 
 
 def drop_gguf(ctx: Ctx, reason: str | None) -> None:
     """Delete the exported GGUF (after the llama.cpp systems): always when `reason` is given, else
     only when the disk is short, i.e. another file of its size would not fit any more."""
-    from bench.synthetic import free_bytes, need_with_margin
     if ctx.hf_dir is None:
         return
-    out = gguf_path(ctx)
+    for kind in ("f16", "f32"):
+        _drop_gguf(ctx, gguf_path(ctx, kind), reason)
+
+
+def _drop_gguf(ctx: Ctx, out: Path, reason: str | None) -> None:
+    from bench.synthetic import free_bytes, need_with_margin
     if not out.is_file():
         return
     size, free = out.stat().st_size, free_bytes(out.parent)
@@ -488,29 +517,29 @@ def drop_gguf(ctx: Ctx, reason: str | None) -> None:
     ctx.log(f"llama.cpp: deleted {out} ({size / GiB:.1f} GiB; {why})")
 
 
-def llamacpp_gguf(ctx: Ctx) -> Path:
-    """The f16 GGUF of ctx.hf_dir, exported once and cached (gguf_path). Re-exported when the
+def llamacpp_gguf(ctx: Ctx, kind: str = "f16") -> Path:
+    """The `kind` (f16/f32) GGUF of ctx.hf_dir, exported once and cached (gguf_path). Re-exported when the
     checkpoint's files change. _Skip when the disk or the time budget cannot take the export."""
     from bench.gguf_export import export_gguf
     from bench.synthetic import free_bytes, need_with_margin
     hf = ctx.hf_dir.resolve()
-    out = gguf_path(ctx)
+    out = gguf_path(ctx, kind)
     srcs = sorted(p for p in hf.iterdir() if p.suffix in (".json", ".safetensors"))
     fingerprint = {"source": str(hf), "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in srcs}}
     stamp = out.with_name(out.name + ".source.json")
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         ctx.log(f"llama.cpp: reusing {out} ({out.stat().st_size / GiB:.2f} GiB)")
         return out
-    need, free = dense_weight_bytes(ctx.cfg), free_bytes(out.parent)
+    need, free = dense_weight_bytes(ctx.cfg, 4 if kind == "f32" else 2), free_bytes(out.parent)
     if free < need_with_margin(need):
-        raise _Skip(f"not enough disk for the f16 GGUF: needs {need_with_margin(need) / GiB:.1f} GiB, "
+        raise _Skip(f"not enough disk for the {kind} GGUF: needs {need_with_margin(need) / GiB:.1f} GiB, "
                     f"{free / GiB:.1f} GiB free in {out.parent}")
     est = GGUF_EXPORT_S_PER_GB * need / 1e9
     if ctx.log.remaining() < est + 20:
         raise _Skip(f"time budget: the GGUF export needs ~{est:.0f} s, {max(ctx.log.remaining(), 0):.0f} s left")
     t0 = time.perf_counter()
-    ctx.log(f"llama.cpp: exporting {hf} to an f16 GGUF at {out}")
-    export_gguf(hf, out, "f16")
+    ctx.log(f"llama.cpp: exporting {hf} to an {kind} GGUF at {out}")
+    export_gguf(hf, out, kind)
     stamp.write_text(json.dumps(fingerprint))
     ctx.log(f"llama.cpp: GGUF written in {time.perf_counter() - t0:.1f} s ({out.stat().st_size / GiB:.2f} GiB)")
     return out
@@ -652,7 +681,8 @@ def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
     if ctx.hf_dir is None:
         raise _Skip("no HF checkpoint for this model (a hybrid directory whose source is gone) to export to GGUF")
     t_export = time.perf_counter()
-    path = llamacpp_gguf(ctx)
+    kind = gguf_type(ctx, cpu_only)
+    path = llamacpp_gguf(ctx, kind)
     export_s = time.perf_counter() - t_export      # ~0 when reused; not part of the system's run time
     cfg = ctx.cfg
     gpu = ctx.cuda and not cpu_only
@@ -669,7 +699,7 @@ def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
                           env=None if gpu else {"CUDA_VISIBLE_DEVICES": ""})
     act = getattr(cfg, "act", "silu")
     info = {"gguf": str(path), "gguf_gib": round(path.stat().st_size / GiB, 3), "gguf_export_s": round(export_s, 1),
-            "dtype": "f16",
+            "dtype": kind,
             "n_gpu_layers": n_gpu_layers, "gpu_layers": n_gpu, "cpu_layers": cfg.n_layers - n_gpu,
             "threads": threads, "flash_attn": gpu, "llama_cpp_python": child.loaded.get("llama_cpp_python", "?"),
             "child_load_s": round(child.loaded.get("load_s", 0.0), 2), "process": "child (bench/llamacpp_child.py)",
@@ -682,10 +712,11 @@ def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
     if act != "silu" and note not in ctx.log.notes:
         ctx.log.note(note)
     runner = LlamaCppRunner(child, info)
-    # bytes per token: f16 weights (one embedding row) + f16 KV cache; GPU layers / GPU bw, the rest / CPU bw
-    per_layer = 2 * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
+    # bytes per token: weights (one embedding row) + KV cache (f16 either way); GPU layers / GPU bw, the rest / CPU bw
+    wb = 4 if kind == "f32" else 2
+    per_layer = wb * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
                      + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim)
-    out_bytes = 2 * (cfg.vocab_size * cfg.dim + cfg.dim)
+    out_bytes = wb * (cfg.vocab_size * cfg.dim + cfg.dim)
     ctx_avg = len(ctx.prompt) + ctx.opts.new_tokens / 2
     gpu_b = n_gpu * per_layer + kv_read_bytes(cfg, ctx_avg, 2, n_gpu)
     cpu_b = (cfg.n_layers - n_gpu) * per_layer + kv_read_bytes(cfg, ctx_avg, 2, cfg.n_layers - n_gpu)
@@ -716,6 +747,7 @@ BUILDERS = {
     "llamacpp-cpu": lambda ctx: build_llamacpp(ctx, cpu_only=True),
     "dense-cpu": build_dense_cpu,
     "hybrid-cpu": lambda ctx: build_hybrid(ctx, device="cpu"),
+    "hybrid-cpu-exact": lambda ctx: build_hybrid(ctx, device="cpu", mode="exact"),
     "hf-cpu": lambda ctx: build_hf(ctx, device="cpu"),
 }
 

@@ -44,6 +44,7 @@ HF_NAMES = {"silu": "silu", "swish": "silu", "relu": "relu", "fatrelu": "fatrelu
 
 # kernel codes (the `act` argument of the Numba kernels, and cuda/sparse_ffn.cpp's enum order)
 ACT_RELU, ACT_FATRELU, ACT_RELU2, ACT_DRELU, ACT_SILU_MAGNITUDE = 0, 1, 2, 3, 4
+ACT_SILU = 5  # plain SiLU: the dense CPU decode only (cpu_decode.py); no exact zeros, so no sparse kernel
 _KERNEL_CODES = {"relu": ACT_RELU, "fatrelu": ACT_FATRELU, "relu2": ACT_RELU2, "drelu": ACT_DRELU}
 
 
@@ -169,6 +170,11 @@ class Activation:
             raise UserError(f"activation {self.name!r} cannot run on the sparse kernels "
                             f"(supported: {', '.join(_KERNEL_CODES)}; silu has no exact zeros)")
         return _KERNEL_CODES[self.name]
+
+    @property
+    def dense_kernel_code(self) -> int:
+        """The Numba `act` code of the original activation (no magnitude cut): what a dense FFN computes."""
+        return ACT_SILU if self.name == "silu" else _KERNEL_CODES[self.name]
 
     @property
     def kernel_threshold(self) -> float:

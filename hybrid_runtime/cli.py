@@ -88,7 +88,14 @@ def _describe(lm) -> None:
     log(lm.dtypes)
     log(f"model: {lm.path} ({lm.config.architecture}, {lm.config.n_layers} layers, act={lm.config.act}) "
         f"on {lm.device} as {str(lm.dtype).replace('torch.', '')}, context {lm.context}, mode {lm.mode}"
-        f"{', CUDA graph decode' if lm.decode_step else ''}")
+        f"{_decode_kind(lm)}")
+
+
+def _decode_kind(lm) -> str:
+    step = lm.decode_step
+    if step is None:
+        return ""
+    return f"; {step.describe()}" if hasattr(step, "describe") else ", CUDA graph decode"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

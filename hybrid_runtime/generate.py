@@ -134,10 +134,10 @@ class Generator:
                  eos_ids: list[int] | None = None, prefill_chunk: int = 512,
                  decode_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model, self.tokenizer, self.context = model, tokenizer, context
-        # one-token forward; a GraphedDecodeStep on CUDA (over the whole cache, fixed shapes), else the
-        # model itself, told how much of the cache is filled so attention reads only that
+        # one-token forward `(tokens, input_pos, kv_len) -> logits`: a CUDA-graph step on CUDA, the one-call
+        # CpuDecodeStep on the CPU, else the model itself (told how much of the cache is filled, kv_len, so
+        # attention reads only that)
         self.decode_step = decode_step or model
-        self.bounded = decode_step is None
         self.device = torch.device(device)
         self.prefill_chunk = prefill_chunk
         eos = set(eos_ids or [])
@@ -218,10 +218,7 @@ class Generator:
                 if seen is not None:
                     seen = torch.cat([seen, nxt.view(1)])
                 pos = len(self.cached)
-                if self.bounded:
-                    logits = self.model(nxt.view(1, 1), self.positions[pos:pos + 1], kv_len=pos + 1)[0, -1]
-                else:
-                    logits = self.decode_step(nxt.view(1, 1), self.positions[pos:pos + 1])[0, -1]
+                logits = self.decode_step(nxt.view(1, 1), self.positions[pos:pos + 1], kv_len=pos + 1)[0, -1]
                 self.cached.append(token)
                 steps += 1
         except KeyboardInterrupt:

@@ -79,7 +79,8 @@ class HybridGraphedDecodeStep:
             out = fn()
         return graph, out
 
-    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        # kv_len is not needed: the graph attends over the whole pre-allocated cache (masked)
         self.token.copy_(tokens)
         self.pos.copy_(input_pos)
         self.g_first.replay()

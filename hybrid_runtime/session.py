@@ -65,7 +65,7 @@ class LoadedModel:
     dtype: torch.dtype
     context: int
     mode: str                                  # dense, exact or predictor
-    decode_step: Callable | None = None        # CUDA-graph replay of one decode step, when capturable
+    decode_step: Callable | None = None        # one decode step: CUDA-graph replay, or the one-call CPU step
     placement: object | None = None            # hybrid_runtime.placement.Placement, hybrid on CUDA
     dtypes: str = ""                           # which dtype each side runs in (said on stderr)
 
@@ -78,6 +78,38 @@ MODES = ("predictor", "exact", "dense")
 WORKSPACE_BYTES = 512 * 1024 ** 2  # activations, cuBLAS workspace, allocator slack
 
 
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel says a new allocation can take (MemAvailable); None where unreadable."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_ram(md: ModelDir, run_dtype: torch.dtype, context: int, hybrid: bool, cold_format: str) -> None:
+    """UserError, before loading, when a CPU run needs more RAM than is available: the weights in their run
+    format (a hybrid's FFN rows as cold rows: 2 bytes, int8 ~1), the predictors and the KV cache."""
+    cfg = md.config
+    wb = torch.finfo(run_dtype).bits // 8
+    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 2 * cfg.dim
+    ffn = 3 * cfg.dim * cfg.ffn_dim
+    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    ffn_b = (1 + 4 / cfg.dim if cold_format == "int8" else 2) if hybrid else wb
+    pred = md.hybrid.predictors_file.stat().st_size if hybrid and md.hybrid.predictors_file else 0
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * wb
+    need = (emb + cfg.n_layers * attn) * wb + cfg.n_layers * ffn * ffn_b + pred + kv
+    avail = available_ram()
+    if avail is not None and need > avail:
+        gib = 1024 ** 3
+        raise UserError(f"{md.path.name}: needs ~{need / gib:.1f} GiB of RAM on the CPU ({_dtype_name(run_dtype)} weights"
+                        f"{', ' + cold_format + ' cold rows' if hybrid else ''}, KV cache of {context} tokens "
+                        f"{kv / gib:.2f} GiB), {avail / gib:.1f} GiB available; try --dtype bfloat16, a smaller "
+                        "--context, or a machine with more memory")
 
 
 def open_model(name: str | None, device: str | None = None, dtype: str | None = None,
@@ -109,6 +141,11 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
                         "`hybrid-convert all`, or run this checkpoint with --dense")
     mode = mode or ("predictor" if md.is_hybrid and md.hybrid.predictors_file else
                     "exact" if md.is_hybrid else "dense")
+    if dev.type == "cpu":
+        from hybrid_runtime.loading import cpu_run_dtype
+        hybrid = mode != "dense"
+        ram_dtype = run_dtype or (cpu_run_dtype(md.dtype) if not hybrid else torch.float32)
+        check_fits_ram(md, ram_dtype, ctx, hybrid, cold_format or _default_cold_format(md))
     tokenizer = load_tokenizer(path)
     placement = None
     if mode == "dense":
@@ -140,6 +177,9 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
         except RuntimeError as e:
             log(f"note: CUDA graph capture of the hybrid decode step failed ({str(e).splitlines()[0]}); "
                 "decoding eagerly (slower). Please report this.")
+    elif dev.type == "cpu":
+        from hybrid_runtime.cpu_decode import cpu_decode_step
+        decode_step = cpu_decode_step(model)
     return LoadedModel(path, cfg, model, tokenizer, dev, model_dtype, ctx, mode, decode_step, placement, dtypes)
 
 

@@ -167,6 +167,7 @@ def test_bench_smoke_run_writes_a_well_formed_table_and_json(tiny_bench_model, w
     assert res["complete"] and res["format"] == "hybrid-bench-results"
     rows = {r["system"]: r for r in res["systems"]}
     assert list(rows) == systems.split(",")
+    assert rows["dense-cpu"]["info"]["decode"].startswith("one-call Numba CPU decode (dense FFN")
     for name in ("dense-cpu", "hybrid-cpu", "hf-cpu"):
         r = rows[name]
         assert r["status"] == "ok", r
@@ -567,6 +568,42 @@ def test_gguf_is_dropped_after_llamacpp_when_disk_is_short(monkeypatch, tmp_path
     monkeypatch.undo()
     drop_gguf(ctx, "the hybrid directory is next")
     assert not out.exists()
+
+
+def test_dense_limit_reads_a_tied_lm_head_whole():
+    """One embedding row is read per token, but a tied lm_head reads the same matrix whole."""
+    from types import SimpleNamespace
+
+    from bench.limits import kv_read_bytes
+    from bench.systems import _dense_limit
+    from hybrid_runtime.model import ModelConfig, Transformer
+    got = {}
+    for tie in (False, True):
+        cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64, vocab_size=100, tie_embeddings=tie)
+        m = Transformer(cfg)
+        if tie:
+            m.output.weight = m.tok_embeddings.weight
+        ctx = SimpleNamespace(cfg=cfg, prompt=[1] * 4, opts=SimpleNamespace(new_tokens=4), bw={"cpu_read_GBps": 10.0})
+        got[tie] = _dense_limit(ctx, m, "cpu").cpu_bytes - kv_read_bytes(cfg, 6, 4)
+    per_layer = 4 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32)
+    assert got[False] == per_layer + 4 * (100 * 32 + 32)      # lm_head and final norm; no embedding table
+    assert got[True] == got[False]                           # tied: the same bytes (the one matrix, read whole)
+
+
+def test_cpu_format_sets_the_engine_dtype_and_the_gguf_type(tmp_path):
+    """--cpu-format: this engine's CPU systems in bfloat16/float32 and llama.cpp on the CPU from an F16/F32 GGUF
+    (the GPU llama.cpp systems keep F16); both GGUFs are cached side by side."""
+    from types import SimpleNamespace
+
+    from bench.systems import cpu_format_dtype, gguf_path, gguf_type
+    hf = tmp_path / "synthetic-1b-s0-0123456789abcdef" / "hf"
+    for fmt, dtype, cpu_kind in (("bf16", "bfloat16", "f16"), ("f32", "float32", "f32")):
+        for cuda in (False, True):
+            ctx = SimpleNamespace(hf_dir=hf, cuda=cuda, opts=SimpleNamespace(work=str(tmp_path), cpu_format=fmt))
+            assert cpu_format_dtype(ctx) == dtype
+            assert gguf_type(ctx, cpu_only=True) == cpu_kind
+            assert gguf_type(ctx, cpu_only=False) == (cpu_kind if not cuda else "f16")
+            assert gguf_path(ctx, cpu_kind).name == f"model-{cpu_kind}.gguf"
 
 
 def test_llamacpp_hook_runs_them_first_and_keeps_the_table_order(monkeypatch, tmp_path, capsys):

@@ -238,7 +238,7 @@ def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
     log = options.BenchLog(600.0)
     logs = log.lines
-    ctx = SimpleNamespace(opts=SimpleNamespace(work=str(tmp_path / "work"), threads=1, new_tokens=12),
+    ctx = SimpleNamespace(opts=SimpleNamespace(work=str(tmp_path / "work"), threads=1, new_tokens=12, cpu_format="bf16"),
                           hf_dir=path, log=log, cfg=cfg, budget=8 << 30, context=64, cuda=False,
                           prompt=[0, 17, 99, 200, 5, 42, 7, 150],
                           bw={"gpu_copy_GBps": 1000.0, "cpu_read_GBps": 10.0, "h2d_GBps": 20.0})

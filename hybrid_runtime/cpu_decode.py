@@ -1,0 +1,493 @@
+"""One decode token on the CPU as one Numba call: the whole model, every layer, no torch op.
+
+Why: batch-1 decode reads every weight once per token, so on a CPU its speed is the memory bandwidth,
+if nothing else costs. torch's eager forward (model.py) pays ~25 operator dispatches a layer
+(~0.3 ms a layer on the 2-core dev VM, as much as the weights of a small model take to read), and
+its bf16 matrix-vector product on CPUs without AVX512-BF16 is slower than fp32 per token although it
+reads half the bytes. This step computes exactly what `Transformer.forward` computes for one token,
+with the same tensors (numpy views of the model's parameters and KV cache: no copy of a weight; the
+prefill still runs `Transformer.forward`, which fills the same cache), in fp32 arithmetic.
+
+Per layer: RMSNorm -> qkv = Wqkv x (+ bias) -> RoPE on q, k -> k, v into the cache at `pos` ->
+attention of each head over cache slots [start, kv_len) (start > 0 only with a sliding window) ->
+Wo (+ bias) -> h += scale * branch -> the FFN -> h += scale * branch. Then the final norm and lm_head.
+
+The FFN of each layer is what the model's FFN module is:
+- `FeedForward` (dense): every gate, up and down row is read (`_dense_ffn`), whatever the activation
+  (SiLU, or a ReLU model run densely: the baseline the sparse modes are measured against).
+- `HybridFFN` with every row cold (exact mode, `hybrid-run --exact` on the CPU): all gate rows; up
+  rows only where the gate fires; down rows only where the activation is non-zero
+  (`cpu_ffn.cold_ffn_decode_kernel` over all rows).
+- `PredictedHybridFFN` with every row cold (predictor mode): the predictor MLP (relu(W1 x + b1),
+  W2 z + b2 > threshold) picks the candidate rows, then the same kernel over those rows only.
+A layer is one fused pass: no Python between the predictor and the rows, no allocation per token
+(every buffer is a workspace made once).
+
+Storage: weights as the model holds them (float32, or bf16 bit patterns in uint16: Numba has no
+half type); cold rows as `ColdRows` stores them (bf16, fp16 or int8). The KV cache is the model's
+(float32, or bf16 rounded to nearest even on store). Arithmetic and accumulation are fp32 throughout;
+torch's bf16 forward rounds intermediates (q, k, v, the branch outputs) to bf16, this step does not,
+so bf16 logits agree with torch's to bf16 rounding, fp32 logits to fp32 summation order.
+
+Threads: the matrix-vector products split rows over `numba.get_num_threads()` threads (set by
+`--threads`); the FFN splits neurons (per-thread partial sums, merged); attention splits heads.
+
+Reference: `Transformer.forward` (tests/test_cpu_decode.py compares logits over many steps and every
+config feature: GQA, attention bias, sliding window, MiniCPM scales, tied embeddings, each activation,
+each FFN mode and storage format).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core.extending import intrinsic, overload
+from numba.typed import List
+
+from hybrid_runtime.cpu_ffn import (FMT_BF16, FMT_F32, _combine, _dot_row, _dot_row4, _first_call, _gate_act,
+                                    _prefetch_rows, _ready, _w, cold_ffn_decode_kernel)
+from hybrid_runtime.errors import log
+
+FFN_DENSE, FFN_EXACT, FFN_PREDICTED = 0, 1, 2
+_ROWS_PER_TASK = 16  # matrix-vector rows per parallel task: 4 streams of 4 rows
+
+
+# ----------------------------------------------------------------------------- element stores
+
+@intrinsic
+def _bits_from_f32(typingctx, x):
+    """Reinterpret a float32 as its 32 bits (LLVM bitcast)."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type != ir.FloatType():
+            v = builder.fptrunc(v, ir.FloatType())
+        return builder.bitcast(v, ir.IntType(32))
+
+    return types.uint32(x), codegen
+
+
+def _put(a, j, v):
+    """a[j] = v in a's storage type (float32, or bf16 bits rounded to nearest even)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(_put, inline="always")
+def _put_typed(a, j, v):
+    if a.dtype == types.float32:
+        def put_f32(a, j, v):
+            a[j] = v
+        return put_f32
+
+    def put_bf16(a, j, v):
+        b = _bits_from_f32(np.float32(v))
+        if (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000) and (b & np.uint32(0x7FFFFF)) != 0:
+            a[j] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))       # nan stays a (quiet) nan
+        else:
+            a[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return put_bf16
+
+
+# ----------------------------------------------------------------------------- per-layer pieces
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _matvec(w, fmt, x, out):
+    """out[r] = w[r] . x for every row r of w (n, d): tasks of 16 rows, four rows (four memory
+    streams) at a time; the last n % 16 rows after the parallel loop."""
+    n = w.shape[0]
+    n_full = n // _ROWS_PER_TASK
+    for t in prange(n_full):
+        r0 = t * _ROWS_PER_TASK
+        for k in range(_ROWS_PER_TASK // 4):
+            r = r0 + 4 * k
+            _prefetch_rows(w, r + 4, r + 8)
+            out[r], out[r + 1], out[r + 2], out[r + 3] = _dot_row4(w[r], w[r + 1], w[r + 2], w[r + 3], fmt, x)
+    for r in range(n_full * _ROWS_PER_TASK, n):
+        out[r] = _dot_row(w[r], fmt, x)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _rms_norm(h, weight, eps, out):
+    """out = weight * h / rms(h) (weight fp32)."""
+    ss = np.float32(0.0)
+    for j in range(h.shape[0]):
+        ss += h[j] * h[j]
+    r = np.float32(1.0) / np.sqrt(ss / np.float32(h.shape[0]) + np.float32(eps))
+    for j in range(h.shape[0]):
+        out[j] = weight[j] * (h[j] * r)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _rope(v, cos, sin):
+    """HF rotate-half RoPE in place on one head v (hs,): v = v * cos + [v2, v1] * sin (sin's first half
+    carries rotate_half's minus sign, see Transformer.setup_cache)."""
+    half = v.shape[0] // 2
+    for i in range(half):
+        x1 = v[i]
+        x2 = v[i + half]
+        v[i] = x1 * cos[i] + x2 * sin[i]
+        v[i + half] = x2 * cos[i + half] + x1 * sin[i + half]
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _attention(qkv, n_heads, n_kv_heads, head_dim, kc, vc, fmt, start, kv_len, scores, out):
+    """out (nh*hs,) = softmax(q k^T / sqrt(hs)) v per head over cache slots [start, kv_len);
+    qkv (fp32) holds q then k then v heads; kc, vc (nkv, S, hs) the layer's cache; scores (nh, S)."""
+    group = n_heads // n_kv_heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    for hh in prange(n_heads):
+        kvh = hh // group
+        q = qkv[hh * head_dim:(hh + 1) * head_dim]
+        s = scores[hh]
+        m = np.float32(-np.inf)
+        for t in range(start, kv_len):
+            krow = kc[kvh, t]
+            acc = np.float32(0.0)
+            for j in range(head_dim):
+                acc += q[j] * _w(krow, j, fmt)
+            acc *= scale
+            s[t] = acc
+            m = max(m, acc)
+        denom = np.float32(0.0)
+        for t in range(start, kv_len):
+            e = np.exp(s[t] - m)
+            s[t] = e
+            denom += e
+        o = out[hh * head_dim:(hh + 1) * head_dim]
+        o[:] = 0.0
+        inv = np.float32(1.0) / denom
+        for t in range(start, kv_len):
+            p = s[t] * inv
+            vrow = vc[kvh, t]
+            for j in range(head_dim):
+                o[j] += p * _w(vrow, j, fmt)
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _dense_ffn(gate, up, down, fmt, x, act, threshold, a, partial, y):
+    """y = down^T (act(gate x) * (up x)) reading every row (the dense baseline); a (f,) and partial
+    (n_threads, d) are workspaces."""
+    f = gate.shape[0]
+    n_full = f // 4
+    for t in prange(n_full):
+        r = 4 * t
+        _prefetch_rows(gate, r + 4, r + 8)
+        _prefetch_rows(up, r + 4, r + 8)
+        g0, g1, g2, g3 = _dot_row4(gate[r], gate[r + 1], gate[r + 2], gate[r + 3], fmt, x)
+        u0, u1, u2, u3 = _dot_row4(up[r], up[r + 1], up[r + 2], up[r + 3], fmt, x)
+        a[r] = _combine(_gate_act(g0, act, threshold), u0, act, threshold)
+        a[r + 1] = _combine(_gate_act(g1, act, threshold), u1, act, threshold)
+        a[r + 2] = _combine(_gate_act(g2, act, threshold), u2, act, threshold)
+        a[r + 3] = _combine(_gate_act(g3, act, threshold), u3, act, threshold)
+    for r in range(4 * n_full, f):
+        a[r] = _combine(_gate_act(_dot_row(gate[r], fmt, x), act, threshold), _dot_row(up[r], fmt, x),
+                        act, threshold)
+    n_parts = partial.shape[0]
+    d = x.shape[0]
+    for c in prange(n_parts):                  # thread c: neurons [lo, hi) into its own partial sum
+        buf = partial[c]
+        buf[:] = 0.0
+        lo = f * c // n_parts
+        hi = f * (c + 1) // n_parts
+        r = lo
+        while r + 4 <= hi:
+            _prefetch_rows(down, r + 4, min(r + 8, hi))
+            a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
+            w0, w1, w2, w3 = down[r], down[r + 1], down[r + 2], down[r + 3]
+            for j in range(d):
+                buf[j] += (a0 * _w(w0, j, fmt) + a1 * _w(w1, j, fmt)) + (a2 * _w(w2, j, fmt) + a3 * _w(w3, j, fmt))
+            r += 4
+        while r < hi:
+            ar = a[r]
+            wr = down[r]
+            for j in range(d):
+                buf[j] += ar * _w(wr, j, fmt)
+            r += 1
+    for j in range(d):
+        acc = np.float32(0.0)
+        for c in range(n_parts):
+            acc += partial[c, j]
+        y[j] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _predict(w1, b1, w2, b2, threshold, x, z, logits, rows):
+    """Candidate rows of one layer: relu(w1 x + b1) -> w2 z + b2 > threshold. Returns how many of
+    `rows` (int32 workspace) are filled, in increasing order."""
+    _matvec(w1, FMT_F32, x, z)
+    for i in range(z.shape[0]):
+        z[i] = max(z[i] + b1[i], np.float32(0.0))
+    _matvec(w2, FMT_F32, z, logits)
+    n = 0
+    for i in range(logits.shape[0]):
+        if logits[i] + b2[i] > threshold:
+            rows[n] = i
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- the token
+
+@njit(nogil=True, cache=True, fastmath=True)
+def decode_token_kernel(
+        token, pos, start, kv_len,                                     # scalars of this step
+        emb, emb_scale, emb_fmt, wfmt, n_heads, n_kv_heads, head_dim, eps, residual_scale,
+        attn_norm, wqkv, bqkv, wo, bo, kcache, vcache, cache_fmt, rope_cos, rope_sin,
+        ffn_norm, ffn_mode, ffn_fmt, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
+        pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual,
+        final_norm, out_w, logit_scale,
+        h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, logits):
+    """One token through every layer into `logits` (V,). Per-layer arguments are typed Lists (one
+    entry per layer) or arrays indexed by layer; everything after `logit_scale` is a workspace."""
+    d = h.shape[0]
+    e = emb[token]
+    for j in range(d):
+        h[j] = _w(e, j, emb_fmt) * emb_scale
+    q_kv = (n_heads + n_kv_heads) * head_dim
+    cos = rope_cos[pos]
+    sin = rope_sin[pos]
+    for layer in range(len(wqkv)):
+        # ---- attention
+        _rms_norm(h, attn_norm[layer], eps, xn)
+        _matvec(wqkv[layer], wfmt, xn, qkv)
+        b = bqkv[layer]
+        for i in range(b.shape[0]):
+            qkv[i] += b[i]
+        for hh in range(n_heads + n_kv_heads):
+            _rope(qkv[hh * head_dim:(hh + 1) * head_dim], cos, sin)
+        kc = kcache[layer]
+        vc = vcache[layer]
+        for kvh in range(n_kv_heads):
+            krow = kc[kvh, pos]
+            vrow = vc[kvh, pos]
+            for j in range(head_dim):
+                _put(krow, j, qkv[n_heads * head_dim + kvh * head_dim + j])
+                _put(vrow, j, qkv[q_kv + kvh * head_dim + j])
+        _attention(qkv, n_heads, n_kv_heads, head_dim, kc, vc, cache_fmt, start, kv_len, scores, att)
+        _matvec(wo[layer], wfmt, att, branch)
+        b = bo[layer]
+        for i in range(b.shape[0]):
+            branch[i] += b[i]
+        for j in range(d):
+            h[j] += residual_scale * branch[j]
+        # ---- FFN
+        _rms_norm(h, ffn_norm[layer], eps, xn)
+        mode = ffn_mode[layer]
+        if mode == FFN_DENSE:
+            _dense_ffn(gate[layer], up[layer], down[layer], ffn_fmt, xn, act[layer], act_threshold[layer],
+                       ffn_a, partial, branch)
+        else:
+            if mode == FFN_PREDICTED:
+                n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
+                             pred_threshold[layer], h if pred_reads_residual else xn,
+                             pred_z[:pred_w1[layer].shape[0]], pred_logits, rows)
+                active = rows[:n]
+            else:
+                active = all_rows
+            cold_ffn_decode_kernel(gate[layer], up[layer], down[layer], gate_scale[layer], up_scale[layer],
+                                   down_scale[layer], ffn_fmt, xn, active, act[layer], act_threshold[layer],
+                                   partial, branch)
+        for j in range(d):
+            h[j] += residual_scale * branch[j]
+    _rms_norm(h, final_norm, eps, xn)
+    for j in range(d):
+        xn[j] *= logit_scale
+    _matvec(out_w, wfmt, xn, logits)
+
+
+# ----------------------------------------------------------------------------- the step object
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's storage (bf16 as its uint16 bits); no copy."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _f32(t: torch.Tensor | None, n: int = 0) -> np.ndarray:
+    """A small fp32 copy (norm gains, biases, predictors); an empty array for None."""
+    return np.zeros(n, np.float32) if t is None else t.detach().float().contiguous().numpy().copy()
+
+
+def _typed(arrays: list[np.ndarray]) -> List:
+    out = List()
+    for a in arrays:
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+# Every ModelConfig field this step implements (tests/test_cpu_decode.py covers each). A field added to
+# ModelConfig later is a feature this step does not know: such a model decodes eagerly (said once) until
+# the step implements it and the field is listed here; a test fails when the list falls behind.
+HANDLED_CONFIG_FIELDS = frozenset({
+    "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "head_dim", "norm_eps",
+    "rope_theta", "rope_scaling",                 # through the model's rope_cos / rope_sin tables
+    "max_seq_len", "tie_embeddings", "act", "act_threshold", "attention_bias", "sliding_window",
+    "scale_emb", "scale_depth", "dim_model_base", "residual_scale", "logit_scale",
+    "architecture", "bos_token_id", "eos_token_ids",   # no effect on the forward
+})
+
+
+def unsupported_reason(model) -> str | None:
+    """Why `CpuDecodeStep` cannot run this model (None: it can)."""
+    import dataclasses
+
+    from hybrid_runtime.hybrid import HybridFFN
+    from hybrid_runtime.model import Attention, Block, FeedForward
+    unknown = {f.name for f in dataclasses.fields(model.config)} - HANDLED_CONFIG_FIELDS
+    if unknown:
+        return f"config field(s) {', '.join(sorted(unknown))} not implemented by the one-call CPU decode"
+    if any(type(layer) is not Block or type(layer.attn) is not Attention for layer in model.layers):
+        return "a block or attention module other than the engine's own (e.g. layer offload)"
+    w = model.tok_embeddings.weight
+    if w.device.type != "cpu":
+        return "the model is not on the CPU"
+    if model.layers[0].attn.kv_cache is None:
+        return "no KV cache (setup_cache not called)"
+    # float32 and bf16 arrays may mix (the kernels dispatch on the array dtype); fp16 bits would read as bf16
+    dtypes = {p.dtype for p in model.parameters()} | {layer.attn.kv_cache.k.dtype for layer in model.layers}
+    if not dtypes <= {torch.float32, torch.bfloat16}:
+        return f"weights in {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} (float32 or bfloat16 only)"
+    kinds = set()
+    for layer in model.layers:
+        ffn = layer.ffn
+        if isinstance(ffn, HybridFFN):
+            if ffn.hot_gate.shape[0]:
+                return "hot FFN rows on the CPU (--hot-fraction > 0 on --device cpu)"
+            if ffn.cold is None:
+                return "a layer without cold rows"
+            kinds.add((type(ffn).__name__, ffn.cold.cold.gate.dtype))
+        elif isinstance(ffn, FeedForward):
+            kinds.add(("FeedForward", ffn.gate.dtype))
+        else:
+            return f"FFN module {type(ffn).__name__}"
+    if len(kinds) > 1:
+        return "layers with different FFN kinds"
+    return None
+
+
+class CpuDecodeStep:
+    """`step(tokens (1, 1), input_pos (1,), kv_len)` -> logits (1, 1, V) fp32, like
+    `Transformer.forward` for one token, as one Numba call. The logits are a workspace of the step:
+    valid until the next call. The model's KV cache must be set up (`setup_cache`) first."""
+
+    def __init__(self, model):
+        from hybrid_runtime.hybrid import PredictedHybridFFN
+        why = unsupported_reason(model)
+        if why is not None:
+            raise ValueError(f"CpuDecodeStep cannot run this model: {why}")
+        cfg = model.config
+        self.model, self.config = model, cfg
+        layers = model.layers
+        attn0 = layers[0].attn
+        wdtype = attn0.wqkv.weight.dtype
+        self.wfmt = FMT_BF16 if wdtype == torch.bfloat16 else FMT_F32
+        emb = model.tok_embeddings.weight
+        self.emb_fmt = FMT_BF16 if emb.dtype == torch.bfloat16 else FMT_F32
+        self.cache_fmt = FMT_BF16 if attn0.kv_cache.k.dtype == torch.bfloat16 else FMT_F32
+        L, d = cfg.n_layers, cfg.dim
+        q_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        ffn0 = layers[0].ffn
+        hybrid = hasattr(ffn0, "cold")
+        if hybrid:
+            colds = [layer.ffn.cold.cold for layer in layers]
+            self.ffn_fmt = colds[0].fmt_code
+            gate, up, down = ([getattr(c, n) for c in colds] for n in ("gate", "up", "down"))
+            scales = [[getattr(c, n) for c in colds] for n in ("gate_scale", "up_scale", "down_scale")]
+            acts = [layer.ffn.activation for layer in layers]
+            act_codes = [a.kernel_code for a in acts]
+            act_thr = [a.kernel_threshold for a in acts]
+            predicted = isinstance(ffn0, PredictedHybridFFN)
+            mode = FFN_PREDICTED if predicted else FFN_EXACT
+            f_max = max(c.n_rows for c in colds)
+        else:
+            self.ffn_fmt = self.wfmt
+            gate, up, down = ([_np(getattr(layer.ffn, n)) for layer in layers] for n in ("gate", "up", "down"))
+            empty = np.zeros(0, np.float32)
+            scales = [[empty] * L for _ in range(3)]
+            acts = [layer.ffn.activation for layer in layers]
+            act_codes = [a.dense_kernel_code for a in acts]
+            act_thr = [a.threshold for a in acts]
+            predicted, mode = False, FFN_DENSE
+            f_max = cfg.ffn_dim
+        if predicted:
+            preds = [layer.ffn.predictor for layer in layers]
+            w1 = [_f32(p.w1) for p in preds]
+            b1 = [_f32(p.b1) for p in preds]
+            w2 = [_f32(p.w2) for p in preds]
+            b2 = [_f32(p.b2) for p in preds]
+            thr = np.array([p.threshold for p in preds], np.float32)
+            reads_residual = bool(ffn0.reads_residual)
+            r_max = max(a.shape[0] for a in w1)
+        else:
+            w1 = w2 = [np.zeros((0, 0), np.float32)] * L
+            b1 = b2 = [np.zeros(0, np.float32)] * L
+            thr = np.zeros(L, np.float32)
+            reads_residual, r_max = False, 0
+        self.mode = ("dense", "exact", "predictor")[mode]
+        n_threads = numba.get_num_threads()
+        S = model.max_seq_len
+        self._weights = (
+            _np(emb), np.float32(cfg.scale_emb), self.emb_fmt, self.wfmt, cfg.n_heads, cfg.n_kv_heads,
+            cfg.head_dim, np.float32(cfg.norm_eps), np.float32(cfg.residual_scale),
+            _typed([_f32(layer.attn_norm.weight) for layer in layers]),
+            _typed([_np(layer.attn.wqkv.weight) for layer in layers]),
+            _typed([_f32(layer.attn.wqkv.bias) for layer in layers]),
+            _typed([_np(layer.attn.wo.weight) for layer in layers]),
+            _typed([_f32(layer.attn.wo.bias) for layer in layers]),
+            _typed([_np(layer.attn.kv_cache.k[0]) for layer in layers]),
+            _typed([_np(layer.attn.kv_cache.v[0]) for layer in layers]),
+            self.cache_fmt, model.rope_cos.numpy(), model.rope_sin.numpy(),
+            _typed([_f32(layer.ffn.norm.weight) for layer in layers]),
+            np.full(L, mode, np.int64), self.ffn_fmt, _typed(gate), _typed(up), _typed(down),
+            *(_typed(s) for s in scales), np.array(act_codes, np.int64), np.array(act_thr, np.float32),
+            _typed(w1), _typed(b1), _typed(w2), _typed(b2), thr, reads_residual,
+            _f32(model.norm.weight), _np(model.output.weight), np.float32(cfg.logit_scale),
+        )
+        self._work = (
+            np.zeros(d, np.float32), np.zeros(d, np.float32), np.zeros(q_rows, np.float32),
+            np.zeros((cfg.n_heads, S), np.float32), np.zeros(cfg.n_heads * cfg.head_dim, np.float32),
+            np.zeros(d, np.float32), np.zeros(f_max, np.float32), np.zeros((n_threads, d), np.float32),
+            np.zeros(max(r_max, 1), np.float32), np.zeros(f_max, np.float32), np.zeros(f_max, np.int32),
+            np.arange(f_max, dtype=np.int32), np.zeros(cfg.vocab_size, np.float32),
+        )
+        self.logits = torch.from_numpy(self._work[-1]).view(1, 1, cfg.vocab_size)
+        self.window = cfg.sliding_window or 0
+
+    def describe(self) -> str:
+        return (f"one-call Numba CPU decode ({self.mode} FFN, "
+                f"{numba.get_num_threads()} threads, threading layer {numba.threading_layer()})")
+
+    def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if tokens.shape != (1, 1):
+            raise ValueError(f"CpuDecodeStep decodes one token of one sequence, got tokens {tuple(tokens.shape)}")
+        token, pos = int(tokens[0, 0]), int(input_pos[0])   # host tensors: no device sync
+        if pos + 1 != kv_len or not 0 <= pos < self.model.max_seq_len:
+            raise ValueError(f"position {pos} with kv_len {kv_len} (cache of {self.model.max_seq_len})")
+        start = max(0, kv_len - self.window) if self.window else 0
+        if self._work[7].shape[0] != numba.get_num_threads():   # --threads changed since construction
+            w = list(self._work)
+            w[7] = np.zeros((numba.get_num_threads(), self.config.dim), np.float32)
+            self._work = tuple(w)
+        args = (token, pos, start, kv_len, *self._weights, *self._work)
+        if "decode_token" in _ready:
+            decode_token_kernel(*args)
+        else:
+            _first_call("decode_token", decode_token_kernel, *args)
+        return self.logits
+
+
+def cpu_decode_step(model):
+    """A `CpuDecodeStep` for the model, or None with one line on stderr saying why decode stays eager."""
+    why = unsupported_reason(model)
+    if why is not None:
+        log(f"note: decoding with torch ops ({why}); the one-call CPU decode runs float32/bfloat16 models")
+        return None
+    return CpuDecodeStep(model)
