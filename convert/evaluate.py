@@ -168,6 +168,7 @@ def evaluate_modes(model_dir, blocks: torch.Tensor, modes=EVAL_MODES, batch_size
     from hybrid_runtime.loading import load_model
     from hybrid_runtime.model_dir import open_model_dir
     md = open_model_dir(model_dir)
+    md.config.require_dense_ffn("hybrid-convert eval")
     cfg = md.config
     modes = list(dict.fromkeys(["dense", *modes]))
     unknown = [m for m in modes if m not in EVAL_MODES]

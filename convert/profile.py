@@ -161,6 +161,7 @@ def check_profile_inputs(model_path: str, data_files: list[str], out_dir: str | 
             raise UserError(f"{f}: data file not found")
     model_dir = resolve_model(model_path)
     md = open_model_dir(model_dir)
+    md.config.require_dense_ffn("hybrid-convert profile")
     mcfg = md.config
     out = None if out_dir is None else \
         check_output_path(out_dir, [("--model", model_dir), *(("--data", f) for f in files)])

@@ -349,6 +349,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     config.hidden_act = "silu" if act == "silu" else "relu"  # a name transformers can build; swapped below
     source, extra = path, {}
     md = open_model_dir(path)
+    md.config.require_dense_ffn("hybrid-convert prosparse")
     if md.is_hybrid:  # native tensor names: translate them back (see _hybrid_state_as_hf)
         source, extra = None, {"state_dict": _hybrid_state_as_hf(md, cls, config)}
     verbosity = hf_logging.get_verbosity()

@@ -332,6 +332,7 @@ HANDLED_CONFIG_FIELDS = frozenset({
     "max_seq_len", "tie_embeddings", "act", "act_threshold", "attention_bias", "sliding_window",
     "scale_emb", "scale_depth", "dim_model_base", "residual_scale", "logit_scale",
     "architecture", "bos_token_id", "eos_token_ids",   # no effect on the forward
+    "n_experts", "experts_per_token",   # MoE: its FFN module (MoEFeedForward) is not one the step runs: eager
 })
 
 
@@ -488,6 +489,6 @@ def cpu_decode_step(model):
     """A `CpuDecodeStep` for the model, or None with one line on stderr saying why decode stays eager."""
     why = unsupported_reason(model)
     if why is not None:
-        log(f"note: decoding with torch ops ({why}); the one-call CPU decode runs float32/bfloat16 models")
+        log(f"note: decoding with torch ops ({why}), not the one-call CPU decode (slower)")
         return None
     return CpuDecodeStep(model)

@@ -244,6 +244,7 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     from hybrid_runtime.model_dir import open_model_dir
 
     md = open_model_dir(path)
+    md.config.require_dense_ffn("the hybrid runtime")
     if md.hybrid is None:
         raise UserError(f"{md.path}: not a hybrid model directory (no hybrid.json)")
     if mode not in ("predictor", "exact"):

@@ -36,6 +36,7 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     src = open_model_dir(source_dir)
+    src.config.require_dense_ffn("hybrid-convert pack")
     hf_cfg = src.hf_config
     src_dtype = src.dtype
     model = load_model(src, device="cpu", dtype=src_dtype)   # the checkpoint's own dtype, bit for bit

@@ -45,6 +45,11 @@ HF_TO_NATIVE: list[tuple[str, str, bool]] = [
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers.{0}.ffn.gate", False),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers.{0}.ffn.up", False),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers.{0}.ffn.down", True),
+    # Mixtral's sparse MoE block: router, and per expert w1 = gate, w3 = up, w2 = down
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight", "layers.{0}.ffn.router", False),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w1\.weight", "layers.{0}.ffn.experts.{1}.gate", False),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w3\.weight", "layers.{0}.ffn.experts.{1}.up", False),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w2\.weight", "layers.{0}.ffn.experts.{1}.down", True),
 ]
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _COMPILED = [(re.compile(p + r"$"), t, tr) for p, t, tr in HF_TO_NATIVE]

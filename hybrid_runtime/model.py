@@ -26,6 +26,7 @@ from hybrid_runtime.errors import UserError
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
+    "MixtralForCausalLM",      # mixture of experts: MoEFeedForward (the dense engine only, so far)
     "SparseLlamaForCausalLM",  # ProSparse releases (they ship modeling_sparsellama.py; not needed here)
     "MiniCPMForCausalLM",
 )
@@ -52,6 +53,8 @@ class ModelConfig:
     scale_emb: float = 1.0            # MiniCPM: embeddings * scale_emb
     scale_depth: float | None = None  # MiniCPM: residual branch * scale_depth / sqrt(n_layers)
     dim_model_base: int | None = None  # MiniCPM: logits from h / (dim / dim_model_base)
+    n_experts: int = 0                # mixture of experts (Mixtral): experts per layer; 0: one dense FFN
+    experts_per_token: int = 0        # the router's top-k
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -74,6 +77,13 @@ class ModelConfig:
     def activation(self) -> Activation:
         return Activation(self.act, self.act_threshold)
 
+    def require_dense_ffn(self, what: str) -> None:
+        """UserError for a mixture-of-experts model where only one dense FFN per layer is supported yet."""
+        if self.n_experts:
+            raise UserError(f"{what}: {self.architecture} (mixture of experts, {self.n_experts} experts) runs in the "
+                            "dense engine only so far (hybrid-run --dense); profiling, conversion and the hybrid "
+                            "modes need one dense FFN per layer")
+
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         """Build from a Hugging Face `config.json` dict; UserError names the offending field."""
@@ -81,6 +91,7 @@ class ModelConfig:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise UserError(f"config.json: field 'architectures' must be a list of names, got {archs!r}")
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                       "mixtral": "MixtralForCausalLM",
                                        "minicpm": "MiniCPMForCausalLM"}.get(hf.get("model_type"), "")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UserError(f"config.json: architecture {arch or hf.get('model_type')!r} is not supported "
@@ -128,14 +139,17 @@ class ModelConfig:
         if not head_dim and hf["hidden_size"] % n_heads:
             raise UserError(f"config.json: hidden_size {hf['hidden_size']} is not a multiple of "
                             f"num_attention_heads {n_heads} (and no head_dim is given)")
-        sliding = _field(hf, "sliding_window", int, None) if arch == "MistralForCausalLM" else None
+        sliding = _field(hf, "sliding_window", int, None) if arch in ("MistralForCausalLM", "MixtralForCausalLM") \
+            else None
         if sliding is not None and sliding <= 0:
             raise UserError(f"config.json: field 'sliding_window' must be positive, got {sliding}")
         scale_depth = hf.get("scale_depth")
         dim_model_base = _field(hf, "dim_model_base", int, None)
         if dim_model_base is not None and dim_model_base <= 0:
             raise UserError(f"config.json: field 'dim_model_base' must be positive, got {dim_model_base}")
+        n_experts, per_token = _experts(hf) if arch == "MixtralForCausalLM" else (0, 0)
         return cls(
+            n_experts=n_experts, experts_per_token=per_token,
             dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=n_kv, ffn_dim=hf["intermediate_size"],
             vocab_size=hf["vocab_size"], head_dim=head_dim,
@@ -151,6 +165,29 @@ class ModelConfig:
             dim_model_base=dim_model_base, architecture=arch,
             bos_token_id=bos, eos_token_ids=eos_ids,
         )
+
+
+# routing features of other MoE families that Mixtral's router (softmax over all experts, top-k, top-k weights
+# renormalised) does not have: a config that sets one is refused, naming the field
+_UNSUPPORTED_ROUTING = ("n_shared_experts", "num_shared_experts", "shared_expert_intermediate_size",
+                        "moe_intermediate_size", "topk_method", "scoring_func", "n_group", "topk_group",
+                        "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step", "mlp_only_layers")
+
+
+def _experts(hf: dict) -> tuple[int, int]:
+    """(experts per layer, experts per token) of a Mixtral config; UserError names a bad or unsupported field."""
+    for key in _UNSUPPORTED_ROUTING:
+        if hf.get(key) not in (None, 0, [], False):
+            raise UserError(f"config.json: field {key!r} (a routing feature other than Mixtral's top-k softmax "
+                            f"router) is not supported")
+    n = _field(hf, "num_local_experts", int, None, positive=True)
+    k = _field(hf, "num_experts_per_tok", int, None, positive=True)
+    if n is None or k is None:
+        raise UserError("config.json: a MixtralForCausalLM needs positive integer fields 'num_local_experts' and "
+                        "'num_experts_per_tok'")
+    if k > n:
+        raise UserError(f"config.json: field 'num_experts_per_tok' ({k}) is more than 'num_local_experts' ({n})")
+    return n, k
 
 
 def _is_int(v) -> bool:
@@ -309,12 +346,55 @@ class FeedForward(nn.Module):
         return a @ self.down                                               # (B, T, d)
 
 
+class Expert(nn.Module):
+    """One expert's gated FFN rows, neuron-major like FeedForward's (f, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d)
+        self.up = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))    # (f, d)
+        self.down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d) = w2.T
+
+
+class MoEFeedForward(nn.Module):
+    """Mixtral's sparse MoE FFN: router logits -> softmax over all experts (fp32) -> top-k -> the k weights
+    renormalised to sum 1; each token's output is the weighted sum of its k experts' gated FFNs.
+
+    Experts run one at a time over the tokens routed to them, in expert order, and their outputs are
+    added per token in that order (as transformers does, so fp32 results match it bit for bit)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.router = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim))   # (E, d)
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.n_experts))
+        self.top_k = cfg.experts_per_token
+        self.activation = cfg.activation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, d = h.shape
+        x = self.norm(h).view(B * T, d)                                           # (N, d)
+        probs = F.softmax(F.linear(x, self.router).float(), dim=-1)              # (N, E)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)                  # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        y = torch.zeros_like(x)
+        # deliberate host sync: which experts got tokens, and which tokens (data-dependent shapes)
+        hit = torch.bincount(chosen.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist()
+        for e in hit:
+            token, slot = torch.where(chosen == e)                               # (n_e,), (n_e,)
+            xe, ex = x[token], self.experts[e]
+            a = self.activation(F.linear(xe, ex.gate), F.linear(xe, ex.up))      # (n_e, f)
+            y.index_add_(0, token, ((a @ ex.down) * weights[token, slot, None]).to(y.dtype))
+        return y.view(B, T, d)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ffn: nn.Module = FeedForward(cfg)  # the hybrid runtime swaps this module
+        # the hybrid runtime swaps this module
+        self.ffn: nn.Module = MoEFeedForward(cfg) if cfg.n_experts else FeedForward(cfg)
         self.residual_scale = cfg.residual_scale
 
     def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,

@@ -136,6 +136,8 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if ctx > cfg.max_seq_len:
         log(f"warning: --context {ctx} is beyond the model's max_position_embeddings "
             f"({cfg.max_seq_len}); quality may degrade")
+    if mode in ("predictor", "exact"):
+        cfg.require_dense_ffn(f"--{mode}")
     if mode in ("predictor", "exact") and not md.is_hybrid:
         raise UserError(f"{path}: --{mode} needs a hybrid model directory (hybrid.json); make one with "
                         "`hybrid-convert all`, or run this checkpoint with --dense")
