@@ -242,7 +242,8 @@ def decode_token_kernel(
         ffn_norm, ffn_mode, ffn_fmt, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
         pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual,
         final_norm, out_w, logit_scale,
-        h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, logits):
+        h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work,
+        sparse_idx, logits):
     """One token through every layer into `logits` (V,). Per-layer arguments are typed Lists (one
     entry per layer) or arrays indexed by layer; everything after `logit_scale` is a workspace."""
     d = h.shape[0]
@@ -292,7 +293,7 @@ def decode_token_kernel(
                 active = all_rows
             cold_ffn_decode_kernel(gate[layer], up[layer], down[layer], gate_scale[layer], up_scale[layer],
                                    down_scale[layer], ffn_fmt, xn, active, act[layer], act_threshold[layer],
-                                   partial, branch)
+                                   partial, sparse_work, sparse_idx, branch)
         for j in range(d):
             h[j] += residual_scale * branch[j]
     _rms_norm(h, final_norm, eps, xn)
@@ -457,7 +458,9 @@ class CpuDecodeStep:
             np.zeros((cfg.n_heads, S), np.float32), np.zeros(cfg.n_heads * cfg.head_dim, np.float32),
             np.zeros(d, np.float32), np.zeros(f_max, np.float32), np.zeros((n_threads, d), np.float32),
             np.zeros(max(r_max, 1), np.float32), np.zeros(f_max, np.float32), np.zeros(f_max, np.int32),
-            np.arange(f_max, dtype=np.int32), np.zeros(cfg.vocab_size, np.float32),
+            np.arange(f_max, dtype=np.int32),
+            np.zeros((n_threads, 2, f_max), np.float32), np.zeros((n_threads, f_max), np.int64),
+            np.zeros(cfg.vocab_size, np.float32),
         )
         self.logits = torch.from_numpy(self._work[-1]).view(1, 1, cfg.vocab_size)
         self.window = cfg.sliding_window or 0
@@ -473,9 +476,12 @@ class CpuDecodeStep:
         if pos + 1 != kv_len or not 0 <= pos < self.model.max_seq_len:
             raise ValueError(f"position {pos} with kv_len {kv_len} (cache of {self.model.max_seq_len})")
         start = max(0, kv_len - self.window) if self.window else 0
-        if self._work[7].shape[0] != numba.get_num_threads():   # --threads changed since construction
+        n_threads = numba.get_num_threads()
+        if self._work[7].shape[0] != n_threads:   # --threads changed since construction: per-thread workspaces
             w = list(self._work)
-            w[7] = np.zeros((numba.get_num_threads(), self.config.dim), np.float32)
+            w[7] = np.zeros((n_threads, self.config.dim), np.float32)
+            w[12] = np.zeros((n_threads, 2, w[12].shape[2]), np.float32)
+            w[13] = np.zeros((n_threads, w[13].shape[1]), np.int64)
             self._work = tuple(w)
         args = (token, pos, start, kv_len, *self._weights, *self._work)
         if "decode_token" in _ready:

@@ -344,16 +344,17 @@ def _combine(ga, u, act, threshold):
 
 
 @njit
-def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, rows, act, threshold, out):
+def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, rows, act, threshold,
+                     a, u, live, out):
     """out += FFN of token x over the neurons `rows` (one chunk of the active list).
 
     Three passes, each over four rows at a time: gate rows of all `rows`; up rows of the neurons
     whose gate fired; down rows of the neurons with a non-zero activation. A non-firing neuron
-    costs its gate row only.
+    costs its gate row only. a, u (fp32) and live (int64) are workspaces of at least len(rows).
     """
     n = rows.shape[0]
-    a = np.empty(n, np.float32)
-    live = np.empty(n, np.int64)
+    a = a[:n]
+    live = live[:n]
     _dot_rows(gate, gate_scale, fmt, rows, x, a)
     n_live = 0
     for i in range(n):                               # compact in place: n_live <= i
@@ -362,7 +363,7 @@ def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, r
             live[n_live] = rows[i]
             a[n_live] = ga
             n_live += 1
-    u = np.empty(n_live, np.float32)
+    u = u[:n_live]
     _dot_rows(up, up_scale, fmt, live[:n_live], x, u)
     n_out = 0
     for i in range(n_live):
@@ -387,14 +388,15 @@ def decode_rows(w, fmt, scales):
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
 def cold_ffn_decode_kernel(gate, up, down, gate_scale, up_scale, down_scale, fmt,
-                           x, active, act, threshold, partial, y):
+                           x, active, act, threshold, partial, work, work_idx, y):
     """y = sum over active cold rows r of a_r * down_r, for one token.
 
     gate/up/down (n_cold, d) stored rows; *_scale (n_cold,) fp32 for int8, unused (size 0) else;
     x (d,) fp32; active (n_active,) int32 local row indices, each in [0, n_cold) (unchecked);
     partial (n_chunks, d) fp32 workspace: chunk c accumulates into partial[c] (one chunk per
-    thread: n_chunks = numba.get_num_threads()), merged after the parallel loop; y (d,) fp32 is
-    overwritten.
+    thread: n_chunks = numba.get_num_threads()), merged after the parallel loop; work (n_chunks, 2, m)
+    fp32 and work_idx (n_chunks, m) int64 are chunk c's activation and row lists, m >= ceil(n_active /
+    n_chunks) (nothing is allocated per call); y (d,) fp32 is overwritten.
 
     Chunk c takes every n-th entry of the active list starting at c, not a contiguous block: cold
     rows are stored most-frequent-first and a predicted row near the front fires more often (it
@@ -408,7 +410,7 @@ def cold_ffn_decode_kernel(gate, up, down, gate_scale, up_scale, down_scale, fmt
         buf = partial[c]
         buf[:] = 0.0
         _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x,
-                         active[c:n_active:n_used], act, threshold, buf)
+                         active[c:n_active:n_used], act, threshold, work[c, 0], work[c, 1], work_idx[c], buf)
     # merge the per-chunk partial sums, parallel over column blocks of y
     block = 256
     for b in prange((d + block - 1) // block):
@@ -838,13 +840,20 @@ class ColdFFN:
         self.activation = activation
         self._act = activation.kernel_code
         self._threshold = np.float32(activation.kernel_threshold)
-        self._partial = np.empty((numba.get_num_threads(), cold.dim), np.float32)
+        self._workspaces(numba.get_num_threads())
+
+    def _workspaces(self, n_threads: int) -> None:
+        """Per-thread partial sums and row lists of the decode kernel, made once (and again if the
+        thread count changes): nothing is allocated per token."""
+        self._partial = np.empty((n_threads, self.cold.dim), np.float32)
+        self._work = np.empty((n_threads, 2, self.cold.n_rows), np.float32)
+        self._work_idx = np.empty((n_threads, self.cold.n_rows), np.int64)
 
     def decode(self, x: np.ndarray, active: np.ndarray, out: np.ndarray) -> np.ndarray:
         n_threads = numba.get_num_threads()   # thread-local in Numba: follow the calling thread's setting
         if self._partial.shape[0] != n_threads:
-            self._partial = np.empty((n_threads, self.cold.dim), np.float32)
-        args = (*self._args, x, active, self._act, self._threshold, self._partial, out)
+            self._workspaces(n_threads)
+        args = (*self._args, x, active, self._act, self._threshold, self._partial, self._work, self._work_idx, out)
         if "decode" in _ready:
             cold_ffn_decode_kernel(*args)
         else:
