@@ -20,6 +20,8 @@ The FFN of each layer is what the model's FFN module is:
   (`cpu_ffn.cold_ffn_decode_kernel` over all rows).
 - `PredictedHybridFFN` with every row cold (predictor mode): the predictor MLP (relu(W1 x + b1),
   W2 z + b2 > threshold) picks the candidate rows, then the same kernel over those rows only.
+- `MoEFeedForward` (Mixtral): router logits -> softmax -> top-k (ties to the lower expert, as torch.topk) ->
+  weights renormalised; the chosen experts' dense FFNs, added in expert order (as the forward adds them).
 A layer is one fused pass: no Python between the predictor and the rows, no allocation per token
 (every buffer is a workspace made once).
 
@@ -52,7 +54,7 @@ from hybrid_runtime.cpu_ffn import (FMT_BF16, FMT_F32, _combine, _dot_row, _dot_
                                     _prefetch_rows, _ready, _w, cold_ffn_decode_kernel)
 from hybrid_runtime.errors import log
 
-FFN_DENSE, FFN_EXACT, FFN_PREDICTED = 0, 1, 2
+FFN_DENSE, FFN_EXACT, FFN_PREDICTED, FFN_MOE = 0, 1, 2, 3
 _ROWS_PER_TASK = 16  # matrix-vector rows per parallel task: 4 streams of 4 rows
 
 
@@ -232,6 +234,52 @@ def _predict(w1, b1, w2, b2, threshold, x, z, logits, rows):
     return n
 
 
+@njit(nogil=True, cache=True, fastmath=False)
+def _route(router, x, top_k, p, chosen):
+    """Mixtral's router for one token: p = softmax(router x) (fp32); the top_k experts (ties to the lower
+    index) into chosen[:top_k] in increasing expert order; p[e] of a chosen expert becomes its weight
+    renormalised over the chosen ones. Returns top_k."""
+    n = router.shape[0]
+    for e in range(n):
+        acc = np.float32(0.0)
+        row = router[e]
+        for j in range(x.shape[0]):
+            acc += row[j] * x[j]
+        p[e] = acc
+    m = p[0]
+    for e in range(1, n):
+        m = max(m, p[e])
+    total = np.float32(0.0)
+    for e in range(n):
+        p[e] = np.exp(p[e] - m)
+        total += p[e]
+    for e in range(n):
+        p[e] /= total
+    for c in range(top_k):
+        best = -1
+        for e in range(n):
+            taken = False
+            for q in range(c):
+                if chosen[q] == e:
+                    taken = True
+            if not taken and (best < 0 or p[e] > p[best]):
+                best = e
+        chosen[c] = best
+    kept = np.float32(0.0)
+    for c in range(top_k):
+        kept += p[chosen[c]]
+    for c in range(top_k):
+        p[chosen[c]] /= kept
+    for c in range(1, top_k):                              # insertion sort: expert order
+        v = chosen[c]
+        q = c - 1
+        while q >= 0 and chosen[q] > v:
+            chosen[q + 1] = chosen[q]
+            q -= 1
+        chosen[q + 1] = v
+    return top_k
+
+
 # ----------------------------------------------------------------------------- the token
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -241,11 +289,13 @@ def decode_token_kernel(
         attn_norm, wqkv, bqkv, wo, bo, kcache, vcache, cache_fmt, rope_cos, rope_sin,
         ffn_norm, ffn_mode, ffn_fmt, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
         pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual,
+        router, top_k,
         final_norm, out_w, logit_scale,
         h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work,
-        sparse_idx, logits):
+        sparse_idx, expert_out, router_p, chosen, logits):
     """One token through every layer into `logits` (V,). Per-layer arguments are typed Lists (one
-    entry per layer) or arrays indexed by layer; everything after `logit_scale` is a workspace."""
+    entry per layer) or arrays indexed by layer; gate/up/down hold one entry per layer, or per (layer,
+    expert) at layer * n_experts + e for an MoE model; everything after `logit_scale` is a workspace."""
     d = h.shape[0]
     e = emb[token]
     for j in range(d):
@@ -283,6 +333,18 @@ def decode_token_kernel(
         if mode == FFN_DENSE:
             _dense_ffn(gate[layer], up[layer], down[layer], ffn_fmt, xn, act[layer], act_threshold[layer],
                        ffn_a, partial, branch)
+        elif mode == FFN_MOE:
+            n_experts = router[layer].shape[0]
+            k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
+            branch[:] = 0.0
+            for c in range(k):                               # in expert order
+                e = chosen[c]
+                i = layer * n_experts + e
+                _dense_ffn(gate[i], up[i], down[i], ffn_fmt, xn, act[layer], act_threshold[layer], ffn_a, partial,
+                           expert_out)
+                w = router_p[e]
+                for j in range(d):
+                    branch[j] += expert_out[j] * w
         else:
             if mode == FFN_PREDICTED:
                 n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
@@ -333,7 +395,7 @@ HANDLED_CONFIG_FIELDS = frozenset({
     "max_seq_len", "tie_embeddings", "act", "act_threshold", "attention_bias", "sliding_window",
     "scale_emb", "scale_depth", "dim_model_base", "residual_scale", "logit_scale",
     "architecture", "bos_token_id", "eos_token_ids",   # no effect on the forward
-    "n_experts", "experts_per_token",   # MoE: its FFN module (MoEFeedForward) is not one the step runs: eager
+    "n_experts", "experts_per_token",   # MoE: the MoEFeedForward layers (FFN_MOE)
 })
 
 
@@ -342,7 +404,7 @@ def unsupported_reason(model) -> str | None:
     import dataclasses
 
     from hybrid_runtime.hybrid import HybridFFN
-    from hybrid_runtime.model import Attention, Block, FeedForward
+    from hybrid_runtime.model import Attention, Block, FeedForward, MoEFeedForward
     unknown = {f.name for f in dataclasses.fields(model.config)} - HANDLED_CONFIG_FIELDS
     if unknown:
         return f"config field(s) {', '.join(sorted(unknown))} not implemented by the one-call CPU decode"
@@ -366,8 +428,10 @@ def unsupported_reason(model) -> str | None:
             if ffn.cold is None:
                 return "a layer without cold rows"
             kinds.add((type(ffn).__name__, ffn.cold.cold.gate.dtype))
-        elif isinstance(ffn, FeedForward):
+        elif type(ffn) is FeedForward:
             kinds.add(("FeedForward", ffn.gate.dtype))
+        elif type(ffn) is MoEFeedForward:
+            kinds.add(("MoEFeedForward", ffn.experts[0].gate.dtype))
         else:
             return f"FFN module {type(ffn).__name__}"
     if len(kinds) > 1:
@@ -410,14 +474,17 @@ class CpuDecodeStep:
             mode = FFN_PREDICTED if predicted else FFN_EXACT
             f_max = max(c.n_rows for c in colds)
         else:
+            moe = cfg.n_experts > 0
             self.ffn_fmt = self.wfmt
-            gate, up, down = ([_np(getattr(layer.ffn, n)) for layer in layers] for n in ("gate", "up", "down"))
+            # one entry per layer, or per (layer, expert) at layer * n_experts + e
+            experts = [ex for layer in layers for ex in layer.ffn.experts] if moe else [layer.ffn for layer in layers]
+            gate, up, down = ([_np(getattr(m, n)) for m in experts] for n in ("gate", "up", "down"))
             empty = np.zeros(0, np.float32)
-            scales = [[empty] * L for _ in range(3)]
+            scales = [[empty] * len(experts) for _ in range(3)]
             acts = [layer.ffn.activation for layer in layers]
             act_codes = [a.dense_kernel_code for a in acts]
             act_thr = [a.threshold for a in acts]
-            predicted, mode = False, FFN_DENSE
+            predicted, mode = False, FFN_MOE if moe else FFN_DENSE
             f_max = cfg.ffn_dim
         if predicted:
             preds = [layer.ffn.predictor for layer in layers]
@@ -433,7 +500,8 @@ class CpuDecodeStep:
             b1 = b2 = [np.zeros(0, np.float32)] * L
             thr = np.zeros(L, np.float32)
             reads_residual, r_max = False, 0
-        self.mode = ("dense", "exact", "predictor")[mode]
+        self.mode = ("dense", "exact", "predictor", "mixture-of-experts")[mode]
+        routers = [_f32(layer.ffn.router) for layer in layers] if mode == FFN_MOE else [np.zeros((0, 0), np.float32)] * L
         n_threads = numba.get_num_threads()
         S = model.max_seq_len
         self._weights = (
@@ -451,6 +519,7 @@ class CpuDecodeStep:
             np.full(L, mode, np.int64), self.ffn_fmt, _typed(gate), _typed(up), _typed(down),
             *(_typed(s) for s in scales), np.array(act_codes, np.int64), np.array(act_thr, np.float32),
             _typed(w1), _typed(b1), _typed(w2), _typed(b2), thr, reads_residual,
+            _typed(routers), max(cfg.experts_per_token, 1),
             _f32(model.norm.weight), _np(model.output.weight), np.float32(cfg.logit_scale),
         )
         self._work = (
@@ -460,6 +529,8 @@ class CpuDecodeStep:
             np.zeros(max(r_max, 1), np.float32), np.zeros(f_max, np.float32), np.zeros(f_max, np.int32),
             np.arange(f_max, dtype=np.int32),
             np.zeros((n_threads, 2, f_max), np.float32), np.zeros((n_threads, f_max), np.int64),
+            np.zeros(d, np.float32), np.zeros(max(cfg.n_experts, 1), np.float32),
+            np.zeros(max(cfg.experts_per_token, 1), np.int64),
             np.zeros(cfg.vocab_size, np.float32),
         )
         self.logits = torch.from_numpy(self._work[-1]).view(1, 1, cfg.vocab_size)

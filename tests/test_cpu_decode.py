@@ -35,7 +35,10 @@ def random_model(seed: int, dtype=torch.float32, **over) -> Transformer:
             else:
                 p.copy_(torch.randn_like(p) * (0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.1))
         for layer in m.layers:  # a bias channel so ReLU-family gates fire on ~30-60% of neurons
-            layer.ffn.gate[:, 0] += 0.3
+            for ffn in getattr(layer.ffn, "experts", [layer.ffn]):
+                ffn.gate[:, 0] += 0.3
+            if hasattr(layer.ffn, "router"):   # decisive routing: no near-ties for summation order to flip
+                layer.ffn.router.mul_(40.0)
     m = m.to(dtype).eval().requires_grad_(False)
     m.setup_cache(1, cfg.max_seq_len)
     return m
@@ -92,7 +95,11 @@ def compare(model: Transformer, steps: int = 12, prompt: int = 5, rtol: float = 
     {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 16, "architecture": "MiniCPMForCausalLM",
      "tie_embeddings": True},
     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}},
-], ids=["gqa-relu", "mha-silu", "fatrelu-bias", "relu2-tied-headdim", "drelu-window", "minicpm", "llama3-rope"])
+    {"n_experts": 4, "experts_per_token": 2, "act": "silu", "architecture": "MixtralForCausalLM"},
+    {"n_experts": 8, "experts_per_token": 1, "act": "drelu", "sliding_window": 5,
+     "architecture": "MixtralForCausalLM"},
+], ids=["gqa-relu", "mha-silu", "fatrelu-bias", "relu2-tied-headdim", "drelu-window", "minicpm", "llama3-rope",
+        "moe-top2-silu", "moe-top1-drelu-window"])
 def test_dense_fp32_matches_forward(over):
     compare(random_model(0, **over), rtol=2e-5)
 

@@ -76,6 +76,10 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path, byte_tokenizer_di
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                              pad_token_id=2, min_new_tokens=16)[0, len(prompt):].tolist()
     assert mine == theirs
+    from hybrid_runtime.cpu_decode import CpuDecodeStep       # the one-call CPU decode of the same model
+    fast = Generator(model, load_tokenizer(path), context=64, device="cpu", eos_ids=[], decode_step=CpuDecodeStep(model))
+    fast.eos_ids = set()
+    assert fast.generate(prompt, SamplingParams(max_new_tokens=16)).tokens == theirs
 
 
 def test_config_fields_are_read_and_bad_routing_is_refused():
@@ -123,11 +127,11 @@ def test_moe_is_refused_by_the_hybrid_paths_in_one_line(tmp_path, byte_tokenizer
 
 
 def test_generate_runs_a_mixtral_on_the_cpu(tmp_path, byte_tokenizer_dir, monkeypatch, capsys):
-    """The CLI runs it dense, decoding eagerly (the one-call CPU decode has no MoE FFN yet, and says so)."""
+    """The CLI runs it dense, decoding with the one-call CPU step (its MoE FFN; parity: test_cpu_decode.py)."""
     from hybrid_runtime.cli import main_group
     _, path = make_mixtral(tmp_path, byte_tokenizer_dir, 5)
     monkeypatch.setattr(sys, "argv", ["hybrid-run", "generate", "--model", str(path), "--device", "cpu",
                                       "-p", "hello", "-n", "5"])
     console_main(main_group)                 # returns on success (exit status 0)
     err = capsys.readouterr().err
-    assert "decoding with torch ops (FFN module MoEFeedForward)" in err and "decode: 4 steps" in err
+    assert "one-call Numba CPU decode (mixture-of-experts FFN" in err and "decode: 4 steps" in err
