@@ -38,6 +38,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
 from hybrid_runtime.errors import UserError
 
@@ -86,7 +87,7 @@ def _config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{hf_dir}: no config.json (not an HF checkpoint)")
     cfg = json.loads(path.read_text())
-    if cfg.get("model_type") not in ("llama", "mistral"):
+    if cfg.get("model_type") not in ("llama", "mistral", "mixtral"):
         raise UserError(f"{path}: model_type {cfg.get('model_type')!r} is not a LLaMA-architecture model")
     # transformers >= 5 keeps RoPE settings in `rope_parameters`; older configs in rope_theta/rope_scaling
     rope = dict(cfg.get("rope_parameters") or {})
@@ -153,16 +154,23 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
         with safe_open(str(f), framework="np") as sf:
             for k in sf.keys():
                 where[k] = f
-    plan = [("model.embed_tokens.weight", "token_embd.weight")]
+    n_exp = int(cfg.get("num_local_experts") or 0)       # Mixtral: router + stacked experts per layer
+    plan: list[tuple[str | tuple[str, ...], str]] = [("model.embed_tokens.weight", "token_embd.weight")]
     for i in range(L):
-        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}") for hf, gg in _LAYER_NAMES.items()]
+        plan += [(f"model.layers.{i}.{hf}", f"blk.{i}.{gg}") for hf, gg in _LAYER_NAMES.items()
+                 if not (n_exp and hf.startswith("mlp."))]
+        if n_exp:
+            moe = f"model.layers.{i}.block_sparse_moe"
+            plan.append((f"{moe}.gate.weight", f"blk.{i}.ffn_gate_inp.weight"))
+            for w_name, gg in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                plan.append((tuple(f"{moe}.experts.{e}.{w_name}.weight" for e in range(n_exp)), f"blk.{i}.{gg}.weight"))
     plan.append(("model.norm.weight", "output_norm.weight"))
     tied = "lm_head.weight" not in where
     if tied and not cfg.get("tie_word_embeddings", False):
         raise UserError(f"{hf_dir}: no lm_head.weight and config.json does not tie the embeddings")
     if not tied:
         plan.append(("lm_head.weight", "output.weight"))
-    missing = [hf for hf, _ in plan if hf not in where]
+    missing = [hf for src, _ in plan for hf in ((src,) if isinstance(src, str) else src) if hf not in where]
     if missing:
         raise UserError(f"{hf_dir}: tensor {missing[0]} missing from the safetensors files "
                         f"({len(missing)} missing in all)")
@@ -171,13 +179,21 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
                 "attn_output": (d, n_heads * head_dim), "ffn_gate": (int(cfg["intermediate_size"]), d),
                 "ffn_up": (int(cfg["intermediate_size"]), d), "ffn_down": (d, int(cfg["intermediate_size"])),
                 "token_embd": (vocab, d), "output": (vocab, d)}
+    if n_exp:
+        f = int(cfg["intermediate_size"])
+        expected.update({"ffn_gate_inp": (n_exp, d), "ffn_gate_exps": (n_exp, f, d), "ffn_up_exps": (n_exp, f, d),
+                         "ffn_down_exps": (n_exp, d, f)})
 
-    def load(hf: str, gg: str) -> np.ndarray:
+    def tensor(hf: str):
         with safe_open(str(where[hf]), framework="pt") as sf:   # pt: bf16 checkpoints have no numpy dtype
-            t = sf.get_tensor(hf)
+            return sf.get_tensor(hf)
+
+    def load(src: str | tuple[str, ...], gg: str) -> np.ndarray:
+        t = tensor(src) if isinstance(src, str) else torch.stack([tensor(hf) for hf in src])   # experts stacked
         kind = gg.split(".")[-2]
         if kind in expected and tuple(t.shape) != expected[kind]:
-            raise UserError(f"{where[hf]}: {hf} has shape {tuple(t.shape)}, config.json implies {expected[kind]}")
+            first = src if isinstance(src, str) else src[0]
+            raise UserError(f"{where[first]}: {first} has shape {tuple(t.shape)}, config.json implies {expected[kind]}")
         a = t.float().numpy()
         if kind == "attn_q":
             a = permute_rope_rows(a, n_heads)
@@ -186,9 +202,11 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
         return np.ascontiguousarray(a.astype(np.float32 if a.ndim == 1 else np_dtype))
 
     shapes = {}
-    for hf, gg in plan:
-        with safe_open(str(where[hf]), framework="pt") as sf:
-            shapes[gg] = tuple(sf.get_slice(hf).get_shape())
+    for src, gg in plan:
+        first = src if isinstance(src, str) else src[0]
+        with safe_open(str(where[first]), framework="pt") as sf:
+            one = tuple(sf.get_slice(first).get_shape())
+        shapes[gg] = one if isinstance(src, str) else (len(src), *one)
 
     w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_type(gguf.GGUFType.MODEL)
@@ -207,6 +225,9 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(vocab)
+    if n_exp:
+        w.add_expert_count(n_exp)
+        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
 
     special = {"bos": _id(cfg, "bos_token_id"), "eos": _id(cfg, "eos_token_id"),
@@ -233,8 +254,8 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for hf, gg in plan:
-            w.write_tensor_data(load(hf, gg))
+        for src, gg in plan:
+            w.write_tensor_data(load(src, gg))
         w.close()
         tmp.replace(out_path)
     finally:

@@ -272,8 +272,9 @@ def _open(ctx: Ctx, path: Path, device: str, **kw):
 def _dense_limit(ctx: Ctx, model, where: str) -> Limit:
     cfg = ctx.cfg
     elem = model.tok_embeddings.weight.element_size()
-    # one embedding row is read; a tied lm_head is the same tensor, read whole
-    weights = param_bytes(model) - (0 if cfg.tie_embeddings else model.tok_embeddings.weight.numel() * elem)
+    # one embedding row is read; a tied lm_head is the same tensor, read whole; an MoE layer reads top-k experts
+    weights = param_bytes(model) - (0 if cfg.tie_embeddings else model.tok_embeddings.weight.numel() * elem) \
+        - unrouted_expert_bytes(cfg, elem)
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     if where == "gpu":
         return sequential_limit(weights + kv, 0, 0, ctx.bw, "weights + KV / GPU bw")
@@ -285,6 +286,14 @@ def build_dense_gpu(ctx: Ctx):
     info = {"dtype": str(lm.dtype).replace("torch.", ""), "cuda_graph": lm.decode_step is not None}
     return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context, lm.decode_step), info, \
         _dense_limit(ctx, lm.model, "gpu")
+
+
+def unrouted_expert_bytes(cfg, elem: int) -> int:
+    """Bytes of the experts a token is not routed to (mixture of experts; 0 for a dense model)."""
+    n_experts = getattr(cfg, "n_experts", 0)
+    if not n_experts:
+        return 0
+    return cfg.n_layers * (n_experts - cfg.experts_per_token) * 3 * cfg.dim * cfg.ffn_dim * elem
 
 
 def cpu_format_dtype(ctx: Ctx) -> str:
@@ -426,7 +435,12 @@ def _hf_limit(ctx: Ctx, model) -> Limit:
             gpu_w += nb
         else:
             cpu_w += nb
-    elem = 2 if ctx.cuda else 4
+    elem = emb.element_size()
+    unrouted = unrouted_expert_bytes(ctx.cfg, elem)  # MoE: experts a token does not read (off the side holding them)
+    if cpu_w >= unrouted:
+        cpu_w -= unrouted
+    else:
+        gpu_w -= unrouted
     kv = kv_read_bytes(ctx.cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     if not ctx.cuda:
         return sequential_limit(0, cpu_w + kv, 0, ctx.bw, "weights + KV / CPU bw")
@@ -714,8 +728,9 @@ def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
     runner = LlamaCppRunner(child, info)
     # bytes per token: weights (one embedding row) + KV cache (f16 either way); GPU layers / GPU bw, the rest / CPU bw
     wb = 4 if kind == "f32" else 2
+    routed = max(getattr(cfg, "experts_per_token", 0), 1)   # MoE: the top-k experts and the router
     per_layer = wb * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
-                     + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim)
+                     + routed * 3 * cfg.dim * cfg.ffn_dim + getattr(cfg, "n_experts", 0) * cfg.dim + 2 * cfg.dim)
     out_bytes = wb * (cfg.vocab_size * cfg.dim + cfg.dim)
     ctx_avg = len(ctx.prompt) + ctx.opts.new_tokens / 2
     gpu_b = n_gpu * per_layer + kv_read_bytes(cfg, ctx_avg, 2, n_gpu)

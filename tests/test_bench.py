@@ -588,6 +588,12 @@ def test_dense_limit_reads_a_tied_lm_head_whole():
     per_layer = 4 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32)
     assert got[False] == per_layer + 4 * (100 * 32 + 32)      # lm_head and final norm; no embedding table
     assert got[True] == got[False]                           # tied: the same bytes (the one matrix, read whole)
+    # mixture of experts: a token reads the router and its top-k experts, not the others
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64, vocab_size=100, n_experts=4,
+                      experts_per_token=2, architecture="MixtralForCausalLM")
+    ctx = SimpleNamespace(cfg=cfg, prompt=[1] * 4, opts=SimpleNamespace(new_tokens=4), bw={"cpu_read_GBps": 10.0})
+    moe = _dense_limit(ctx, Transformer(cfg), "cpu").cpu_bytes - kv_read_bytes(cfg, 6, 4)
+    assert moe == got[False] + 4 * (2 - 1) * 3 * 32 * 64 + 4 * 4 * 32     # one more expert's rows + the router
 
 
 def test_cpu_format_sets_the_engine_dtype_and_the_gguf_type(tmp_path):

@@ -223,6 +223,50 @@ def test_llamacpp_matches_engine_greedy(make_hf_model, tmp_path):
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
+def _tiny_mixtral(tmp_path, byte_tokenizer_dir):
+    from test_moe import make_mixtral
+    return make_mixtral(tmp_path, byte_tokenizer_dir, 11, num_hidden_layers=2, initializer_range=0.1)
+
+
+def test_mixtral_exports_router_and_stacked_experts(tmp_path, byte_tokenizer_dir):
+    """A Mixtral checkpoint -> llama.cpp's MoE layout: ffn_gate_inp (the router) and the experts stacked
+    as ffn_{gate,up,down}_exps (E, f, d) / (E, d, f), expert count and top-k in the metadata."""
+    import gguf
+    _, path = _tiny_mixtral(tmp_path, byte_tokenizer_dir)
+    out = export_gguf(path, tmp_path / "moe.gguf", dtype="f32")
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: x for x in r.tensors}
+    assert "blk.0.ffn_gate.weight" not in t
+    assert [int(v) for v in reversed(t["blk.1.ffn_gate_exps.weight"].shape)] == [4, 96, 64]
+    assert [int(v) for v in reversed(t["blk.1.ffn_down_exps.weight"].shape)] == [4, 64, 96]
+    assert [int(v) for v in reversed(t["blk.0.ffn_gate_inp.weight"].shape)] == [4, 64]
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "np") as sf:
+        w3 = sf.get_tensor("model.layers.1.block_sparse_moe.experts.2.w3.weight")
+    up = np.asarray(t["blk.1.ffn_up_exps.weight"].data).reshape(4, 96, 64)
+    assert np.array_equal(up[2], w3)
+    fields = {f.name: f for f in r.fields.values()}
+    assert int(fields["llama.expert_count"].parts[-1][0]) == 4
+    assert int(fields["llama.expert_used_count"].parts[-1][0]) == 2
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                    reason="llama_cpp (llama-cpp-python) is not installed")
+def test_llamacpp_matches_engine_on_a_mixtral(tmp_path, byte_tokenizer_dir):
+    """llama.cpp runs our Mixtral GGUF as the engine does: same logits within fp32-export tolerance."""
+    from hybrid_runtime.loading import load_model
+    _, path = _tiny_mixtral(tmp_path, byte_tokenizer_dir)
+    out = export_gguf(path, tmp_path / "moe.gguf", dtype="f32")
+    prompt = [0, 17, 99, 200, 5, 42, 7, 150]
+    got = llamacpp_logits(out, prompt, tmp_path)
+    model = load_model(str(path), device="cpu", dtype=torch.float32)
+    model.setup_cache(1, 64)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]), torch.arange(len(prompt)))[0].float()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=5e-3)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
                     reason="llama_cpp (llama-cpp-python) is not installed")
 def test_build_llamacpp_runner_greedy(make_hf_model, tmp_path):
