@@ -6,11 +6,10 @@ the engine in fp32 over the same held-out blocks. Settings: the FFN only (what c
 linear layer of the blocks (attention + FFN), and every matrix (+ embeddings / lm_head). Writes
 `<out>/<device>-<date>-quant-quality.{json,md}`.
 
-    python -m bench.quant_quality --data corpus/*.txt      # SmolLM2-135M-Instruct (bench/real_model.py)
+    python -m bench.quant_quality --data corpus/a.txt --data corpus/b.txt   # SmolLM2-135M-Instruct
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -56,49 +55,57 @@ def quantized_copy(model, fmt: str, scope: str, down_blocks: str = "neuron") -> 
     return saved
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="An HF checkpoint (default: SmolLM2-135M-Instruct, fp32).")
-    ap.add_argument("--data", nargs="+", required=True, help="Text files; the held-out split (last 5%%) is used.")
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--block-len", type=int, default=256)
-    ap.add_argument("--formats", default="q8_0,q4_0")
-    ap.add_argument("--scopes", default="ffn,blocks,all")
-    ap.add_argument("--down-blocks", default="neuron,checkpoint",
-                    help="Axis of the FFN down matrix's blocks: neuron (along d, the engine's layout), checkpoint "
-                         "(along f, HF's and GGUF's), or both.")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args(argv)
+def run_quality(model: str | None, data: list[str], eval_tokens: int = 16384, block_len: int = 256,
+                formats: str = "q8_0,q4_0", scopes: str = "ffn,blocks,all", down_blocks: str = "neuron,checkpoint",
+                out: str = str(Path(__file__).resolve().parent / "results"), force: bool = False) -> dict:
+    """Every (format, scope, down-block axis) against fp32 on the same held-out blocks; writes and returns
+    the results. Every argument is checked before the model is read."""
+    from hybrid_runtime.errors import UserError, check_number, check_output_path
+    from hybrid_runtime.quant import FORMATS
+    check_number("--eval-tokens", eval_tokens, low=2)
+    check_number("--block-len", block_len, low=2)
+    chosen = {}
+    for flag, text, known in (("--formats", formats, FORMATS), ("--scopes", scopes, tuple(SCOPES)),
+                              ("--down-blocks", down_blocks, ("neuron", "checkpoint"))):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            raise UserError(f"{flag}: {bad[0] if bad else text!r} is not one of {', '.join(known)} (a comma list)")
+        chosen[flag] = values
+    date = time.strftime("%Y-%m-%d")
+    inputs = [("--model", model)] + [("--data", d) for d in data]
+    stem = check_output_path(out, inputs) / f"cpu-{date}-quant-quality"
+    existing = [p for p in (stem.with_suffix(".json"), stem.with_suffix(".md")) if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]} exists; use --force to replace it")
 
     from bench.real_model import build_smollm2
     from convert.data import load_token_blocks
     from hybrid_runtime.loading import load_model, load_tokenizer
-    path = Path(args.model) if args.model else build_smollm2()
-    blocks = load_token_blocks(args.data, load_tokenizer(path), args.block_len, "heldout", max_tokens=args.eval_tokens)
-    model = load_model(path, dtype=torch.float32)
+    path = Path(model) if model else build_smollm2()
+    blocks = load_token_blocks(data, load_tokenizer(path), block_len, "heldout", max_tokens=eval_tokens)
+    model_ = load_model(path, dtype=torch.float32)
     log(f"{path.name}: {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens")
     t0 = time.perf_counter()
-    base = perplexity(model, blocks)
-    res = {"model": str(path), "data": args.data, "date": time.strftime("%Y-%m-%d"), "device": "cpu",
+    base = perplexity(model_, blocks)
+    res = {"model": str(path), "data": list(data), "date": date, "device": "cpu",
            "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "reference": {"dtype": "float32", "perplexity": base},
            "points": []}
     log(f"float32: perplexity {base:.3f} ({time.perf_counter() - t0:.0f} s)")
-    names = dict(model.named_parameters())
-    for fmt in args.formats.split(","):
-        for scope in args.scopes.split(","):
-            for axis in args.down_blocks.split(","):
-                saved = quantized_copy(model, fmt, scope, axis)
-                ppl = perplexity(model, blocks)
-                for name, data in saved.items():
-                    names[name].data = data
+    names = dict(model_.named_parameters())
+    for fmt in chosen["--formats"]:
+        for scope in chosen["--scopes"]:
+            for axis in chosen["--down-blocks"]:
+                saved = quantized_copy(model_, fmt, scope, axis)
+                ppl = perplexity(model_, blocks)
+                for name, orig in saved.items():
+                    names[name].data = orig
                 point = {"format": fmt, "scope": scope, "down_blocks": axis, "matrices": len(saved),
                          "perplexity": ppl, "vs_float32": ppl / base - 1}
                 res["points"].append(point)
                 log(f"{fmt} {scope:6s} down blocks {axis:10s} ({len(saved)} matrices): perplexity {ppl:.3f} "
                     f"({100 * point['vs_float32']:+.2f}%)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-{res['date']}-quant-quality"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     rows = ["| format | scope | down blocked along | matrices | held-out ppl | vs fp32 |", "|---|---|---|---|---|---|",
             f"| fp32 | - | - | - | {base:.3f} | - |"]
@@ -107,6 +114,30 @@ def main(argv=None) -> None:
     stem.with_suffix(".md").write_text(f"# Quantized weights, quality: {path.name}, {res['tokens']} held-out tokens\n\n"
                                        + "\n".join(rows) + "\n")
     print("\n".join(rows))
+    return res
+
+
+def main() -> None:
+    import click
+
+    from hybrid_runtime.errors import console_main
+
+    @click.command(help=__doc__.splitlines()[0])
+    @click.option("--model", default=None, help="An HF checkpoint (default: SmolLM2-135M-Instruct, fp32).")
+    @click.option("--data", multiple=True, required=True, help="Text file (repeatable); its held-out split is used.")
+    @click.option("--eval-tokens", type=int, default=16384, show_default=True)
+    @click.option("--block-len", type=int, default=256, show_default=True)
+    @click.option("--formats", default="q8_0,q4_0", show_default=True)
+    @click.option("--scopes", default="ffn,blocks,all", show_default=True)
+    @click.option("--down-blocks", default="neuron,checkpoint", show_default=True,
+                  help="Axis of the FFN down matrix's blocks: neuron (along d, the engine's layout), checkpoint "
+                       "(along f, HF's and GGUF's), or both.")
+    @click.option("--out", default=str(Path(__file__).resolve().parent / "results"), show_default=True)
+    @click.option("--force", is_flag=True, help="Replace today's result files.")
+    def quality(model, data, eval_tokens, block_len, formats, scopes, down_blocks, out, force):
+        run_quality(model, list(data), eval_tokens, block_len, formats, scopes, down_blocks, out, force)
+
+    console_main(quality)
 
 
 if __name__ == "__main__":

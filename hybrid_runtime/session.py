@@ -91,18 +91,25 @@ def available_ram() -> int | None:
     return None
 
 
+def cold_neuron_bytes(cfg: ModelConfig, cold_format: str | None) -> int:
+    """CPU bytes of one cold neuron: gate, up and down rows (16-bit, or int8 with an fp32 scale each)."""
+    return 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2
+
+
 def check_fits_ram(md: ModelDir, run_dtype: torch.dtype, context: int, hybrid: bool, cold_format: str) -> None:
     """UserError, before loading, when a CPU run needs more RAM than is available: the weights in their run
-    format (a hybrid's FFN rows as cold rows: 2 bytes, int8 ~1), the predictors and the KV cache."""
+    format (a hybrid's FFN rows as cold rows: 2 bytes, int8 ~1; every expert of an MoE layer), the
+    predictors and the KV cache."""
+    from hybrid_runtime.placement import ModelShape
     cfg = md.config
     wb = torch.finfo(run_dtype).bits // 8
-    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 2 * cfg.dim
-    ffn = 3 * cfg.dim * cfg.ffn_dim
-    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    ffn_b = (1 + 4 / cfg.dim if cold_format == "int8" else 2) if hybrid else wb
+    shape = ModelShape.from_config(cfg, weight_bytes=wb)
+    neurons = cfg.n_layers * cfg.ffn_dim * max(cfg.n_experts, 1)
+    neuron_bytes = cold_neuron_bytes(cfg, cold_format) if hybrid else shape.neuron_bytes
+    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) * wb
     pred = md.hybrid.predictors_file.stat().st_size if hybrid and md.hybrid.predictors_file else 0
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * context * wb
-    need = (emb + cfg.n_layers * attn) * wb + cfg.n_layers * ffn * ffn_b + pred + kv
+    kv = shape.kv_cache_bytes(context)
+    need = emb + shape.attention_bytes() + neurons * neuron_bytes + pred + kv
     avail = available_ram()
     if avail is not None and need > avail:
         gib = 1024 ** 3
@@ -222,7 +229,7 @@ def plan_hot_counts(md: ModelDir, dev: torch.device, context: int, gpu_memory: s
     wbytes = torch.finfo(run_dtype).bits // 8
     pred_bytes = meta.predictors_file.stat().st_size // cfg.n_layers if meta.predictors_file else 0
     pred_bytes = pred_bytes * wbytes // 4  # stored fp32, run in the model dtype
-    cpu_per_neuron = 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2
+    cpu_per_neuron = cold_neuron_bytes(cfg, cold_format)
     placement = solve_placement(ModelShape.from_config(cfg, weight_bytes=wbytes), meta.frequencies(), budget,
                                 context=context, predictor_bytes=pred_bytes, workspace_bytes=WORKSPACE_BYTES,
                                 cpu_bytes_per_neuron=cpu_per_neuron)

@@ -135,3 +135,25 @@ def test_generate_runs_a_mixtral_on_the_cpu(tmp_path, byte_tokenizer_dir, monkey
     console_main(main_group)                 # returns on success (exit status 0)
     err = capsys.readouterr().err
     assert "one-call Numba CPU decode (mixture-of-experts FFN" in err and "decode: 4 steps" in err
+
+
+def test_the_ram_check_counts_every_expert(tmp_path, byte_tokenizer_dir, monkeypatch):
+    """All experts live in RAM: the bytes the check asks for grow by each expert's rows, not one FFN's."""
+    from hybrid_runtime import session
+    from hybrid_runtime.model_dir import open_model_dir
+
+    def threshold(md) -> int:            # the least available RAM the check accepts (bisection)
+        lo, hi = 0, 1 << 34
+        while lo < hi:
+            mid = (lo + hi) // 2
+            monkeypatch.setattr(session, "available_ram", lambda: mid)
+            try:
+                session.check_fits_ram(md, torch.float32, 64, False, "bf16")
+                hi = mid
+            except UserError:
+                lo = mid + 1
+        return lo
+
+    need = {n: threshold(open_model_dir(make_mixtral(tmp_path, byte_tokenizer_dir, 6, num_local_experts=n)[1]))
+            for n in (2, 8)}
+    assert need[8] - need[2] == 6 * 2 * 3 * 64 * 96 * 4        # 6 more experts x 2 layers x 3 fp32 (96, 64) rows

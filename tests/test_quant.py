@@ -83,12 +83,11 @@ def test_quality_script_on_a_tiny_model(make_hf_model, tmp_path):
     and int4 costs more than int8 on a random model."""
     import json
 
-    from bench.quant_quality import main
+    from bench.quant_quality import run_quality
     _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", tie=True)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"word{i % 97} and more text" for i in range(4000)))
-    main(["--model", str(path), "--data", str(text), "--eval-tokens", "512", "--block-len", "64",
-          "--out", str(tmp_path / "out")])
+    run_quality(str(path), [str(text)], eval_tokens=512, block_len=64, out=str(tmp_path / "out"))
     res = json.loads(next((tmp_path / "out").glob("*-quant-quality.json")).read_text())
     pts = {(p["format"], p["scope"]): p for p in res["points"] if p["down_blocks"] == "neuron"}
     both = {(p["format"], p["scope"], p["down_blocks"]) for p in res["points"]}
@@ -98,3 +97,35 @@ def test_quality_script_on_a_tiny_model(make_hf_model, tmp_path):
     assert pts[("q4_0", "all")]["matrices"] == 2 * 3 + 2 * 2 + 1          # + the tied embedding / lm_head
     assert all(p["perplexity"] > 0 for p in pts.values())
     assert abs(pts[("q8_0", "all")]["vs_float32"]) < abs(pts[("q4_0", "all")]["vs_float32"])
+
+
+def test_quality_script_bad_input_is_one_line_and_overwrites_nothing(make_hf_model, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from bench.quant_quality import main
+    _, path = make_hf_model(dtype=torch.float32, hidden_act="silu")
+    text = tmp_path / "t.txt"
+    text.write_text("some held-out text " * 200)
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = out / f"cpu-{__import__('time').strftime('%Y-%m-%d')}-quant-quality.json"
+    kept.write_text("earlier results")
+    capsys.readouterr()                                   # the fixture's own progress output
+    base = ["quant_quality", "--model", str(path), "--data", str(text), "--out", str(out)]
+    for extra, words in ((["--formats", "q3_k"], "--formats: 'q3_k' is not one of q8_0, q4_0, q4_1"),
+                         (["--scopes", "attn"], "--scopes: 'attn' is not one of ffn, blocks, all"),
+                         (["--down-blocks", "rows"], "--down-blocks: 'rows' is not one of"),
+                         (["--eval-tokens", "0"], "--eval-tokens"),
+                         ([], "exists; use --force to replace it")):
+        monkeypatch.setattr(sys, "argv", base + extra)
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    monkeypatch.setattr(sys, "argv", ["quant_quality", "--model", str(path), "--data", str(tmp_path / "nope.txt"),
+                                      "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "nope.txt: cannot read" in err[-1], err
+    assert kept.read_text() == "earlier results"
