@@ -296,6 +296,11 @@ def unrouted_expert_bytes(cfg, elem: int) -> int:
     return cfg.n_layers * (n_experts - cfg.experts_per_token) * 3 * cfg.dim * cfg.ffn_dim * elem
 
 
+def _decode_info(lm) -> str:
+    """How a loaded model decodes: its decode step's own description, or the eager forward."""
+    return "torch (eager)" if lm.decode_step is None else lm.decode_step.describe()
+
+
 def cpu_format_dtype(ctx: Ctx) -> str:
     """The torch dtype of this engine's CPU-only systems (--cpu-format)."""
     return CPU_FORMATS[ctx.opts.cpu_format]
@@ -303,8 +308,7 @@ def cpu_format_dtype(ctx: Ctx) -> str:
 
 def build_dense_cpu(ctx: Ctx):
     lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", dtype=cpu_format_dtype(ctx))
-    info = {"dtype": str(lm.dtype).replace("torch.", ""),
-            "decode": lm.decode_step.describe() if lm.decode_step is not None else "torch (eager)"}
+    info = {"dtype": str(lm.dtype).replace("torch.", ""), "decode": _decode_info(lm)}
     return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context, lm.decode_step), info, \
         _dense_limit(ctx, lm.model, "cpu")
 
@@ -368,10 +372,7 @@ def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple], gpu: bool) -> Limit:
 
 def _hybrid_info(lm, counts) -> dict:
     cfg = lm.config
-    step = lm.decode_step
-    info = {"mode": lm.mode, "decode": "torch (eager)" if step is None else
-            step.describe() if hasattr(step, "describe") else "CUDA graph",
-            "dtype": str(lm.dtype).replace("torch.", "")}
+    info = {"mode": lm.mode, "decode": _decode_info(lm), "dtype": str(lm.dtype).replace("torch.", "")}
     p = lm.placement
     if p is not None:
         info.update({"hot_fraction": p.hot_fraction, "gpu_share_expected": p.gpu_share,

@@ -92,10 +92,7 @@ def _describe(lm) -> None:
 
 
 def _decode_kind(lm) -> str:
-    step = lm.decode_step
-    if step is None:
-        return ""
-    return f"; {step.describe()}" if hasattr(step, "describe") else ", CUDA graph decode"
+    return "" if lm.decode_step is None else f"; {lm.decode_step.describe()}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -50,8 +50,8 @@ from numba import njit, prange, types
 from numba.core.extending import intrinsic, overload
 from numba.typed import List
 
-from hybrid_runtime.cpu_ffn import (FMT_BF16, FMT_F32, _combine, _dot_row, _dot_row4, _first_call, _gate_act,
-                                    _prefetch_rows, _ready, _w, cold_ffn_decode_kernel)
+from hybrid_runtime.cpu_ffn import (FMT_BF16, FMT_F32, _axpy_row, _axpy_row4, _combine, _dot_row, _dot_row4,
+                                    _first_call, _gate_act, _prefetch_rows, _ready, _w, cold_ffn_decode_kernel)
 from hybrid_runtime.errors import log
 
 FFN_DENSE, FFN_EXACT, FFN_PREDICTED, FFN_MOE = 0, 1, 2, 3
@@ -200,16 +200,10 @@ def _dense_ffn(gate, up, down, fmt, x, act, threshold, a, partial, y):
         r = lo
         while r + 4 <= hi:
             _prefetch_rows(down, r + 4, min(r + 8, hi))
-            a0, a1, a2, a3 = a[r], a[r + 1], a[r + 2], a[r + 3]
-            w0, w1, w2, w3 = down[r], down[r + 1], down[r + 2], down[r + 3]
-            for j in range(d):
-                buf[j] += (a0 * _w(w0, j, fmt) + a1 * _w(w1, j, fmt)) + (a2 * _w(w2, j, fmt) + a3 * _w(w3, j, fmt))
+            _axpy_row4(a[r], down[r], a[r + 1], down[r + 1], a[r + 2], down[r + 2], a[r + 3], down[r + 3], fmt, buf)
             r += 4
         while r < hi:
-            ar = a[r]
-            wr = down[r]
-            for j in range(d):
-                buf[j] += ar * _w(wr, j, fmt)
+            _axpy_row(a[r], down[r], fmt, buf)
             r += 1
     for j in range(d):
         acc = np.float32(0.0)
@@ -241,11 +235,7 @@ def _route(router, x, top_k, p, chosen):
     renormalised over the chosen ones. Returns top_k."""
     n = router.shape[0]
     for e in range(n):
-        acc = np.float32(0.0)
-        row = router[e]
-        for j in range(x.shape[0]):
-            acc += row[j] * x[j]
-        p[e] = acc
+        p[e] = _dot_row(router[e], FMT_F32, x)
     m = p[0]
     for e in range(1, n):
         m = max(m, p[e])
@@ -458,7 +448,7 @@ class CpuDecodeStep:
         emb = model.tok_embeddings.weight
         self.emb_fmt = FMT_BF16 if emb.dtype == torch.bfloat16 else FMT_F32
         self.cache_fmt = FMT_BF16 if attn0.kv_cache.k.dtype == torch.bfloat16 else FMT_F32
-        L, d = cfg.n_layers, cfg.dim
+        L = cfg.n_layers
         q_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         ffn0 = layers[0].ffn
         hybrid = hasattr(ffn0, "cold")
@@ -522,19 +512,28 @@ class CpuDecodeStep:
             _typed(routers), max(cfg.experts_per_token, 1),
             _f32(model.norm.weight), _np(model.output.weight), np.float32(cfg.logit_scale),
         )
+        self._sizes = (q_rows, S, f_max, max(r_max, 1))
+        self._make_work(n_threads)
+        self.window = cfg.sliding_window or 0
+
+    def _make_work(self, n_threads: int) -> None:
+        """The kernel's workspaces (everything after `logit_scale` in its signature), made here and nowhere
+        per token; again only when the thread count changes (the per-thread partial sums and row lists)."""
+        cfg, (q_rows, S, f_max, r_max) = self.config, self._sizes
+        d = cfg.dim
+        self._n_threads = n_threads
         self._work = (
-            np.zeros(d, np.float32), np.zeros(d, np.float32), np.zeros(q_rows, np.float32),
-            np.zeros((cfg.n_heads, S), np.float32), np.zeros(cfg.n_heads * cfg.head_dim, np.float32),
-            np.zeros(d, np.float32), np.zeros(f_max, np.float32), np.zeros((n_threads, d), np.float32),
-            np.zeros(max(r_max, 1), np.float32), np.zeros(f_max, np.float32), np.zeros(f_max, np.int32),
-            np.arange(f_max, dtype=np.int32),
-            np.zeros((n_threads, 2, f_max), np.float32), np.zeros((n_threads, f_max), np.int64),
-            np.zeros(d, np.float32), np.zeros(max(cfg.n_experts, 1), np.float32),
+            np.zeros(d, np.float32), np.zeros(d, np.float32), np.zeros(q_rows, np.float32),        # h, xn, qkv
+            np.zeros((cfg.n_heads, S), np.float32), np.zeros(cfg.n_heads * cfg.head_dim, np.float32),  # scores, att
+            np.zeros(d, np.float32), np.zeros(f_max, np.float32), np.zeros((n_threads, d), np.float32),  # .., partial
+            np.zeros(r_max, np.float32), np.zeros(f_max, np.float32), np.zeros(f_max, np.int32),      # predictor
+            np.arange(f_max, dtype=np.int32),                                                          # all_rows
+            np.zeros((n_threads, 2, f_max), np.float32), np.zeros((n_threads, f_max), np.int64),      # sparse
+            np.zeros(d, np.float32), np.zeros(max(cfg.n_experts, 1), np.float32),                    # experts
             np.zeros(max(cfg.experts_per_token, 1), np.int64),
-            np.zeros(cfg.vocab_size, np.float32),
+            np.zeros(cfg.vocab_size, np.float32),                                                      # logits
         )
         self.logits = torch.from_numpy(self._work[-1]).view(1, 1, cfg.vocab_size)
-        self.window = cfg.sliding_window or 0
 
     def describe(self) -> str:
         return (f"one-call Numba CPU decode ({self.mode} FFN, "
@@ -547,13 +546,8 @@ class CpuDecodeStep:
         if pos + 1 != kv_len or not 0 <= pos < self.model.max_seq_len:
             raise ValueError(f"position {pos} with kv_len {kv_len} (cache of {self.model.max_seq_len})")
         start = max(0, kv_len - self.window) if self.window else 0
-        n_threads = numba.get_num_threads()
-        if self._work[7].shape[0] != n_threads:   # --threads changed since construction: per-thread workspaces
-            w = list(self._work)
-            w[7] = np.zeros((n_threads, self.config.dim), np.float32)
-            w[12] = np.zeros((n_threads, 2, w[12].shape[2]), np.float32)
-            w[13] = np.zeros((n_threads, w[13].shape[1]), np.int64)
-            self._work = tuple(w)
+        if numba.get_num_threads() != self._n_threads:   # --threads changed since construction
+            self._make_work(numba.get_num_threads())
         args = (token, pos, start, kv_len, *self._weights, *self._work)
         if "decode_token" in _ready:
             decode_token_kernel(*args)

@@ -26,6 +26,9 @@ class GraphedDecodeStep:
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = model(self.token, self.pos)
 
+    def describe(self) -> str:
+        return "CUDA graph decode"
+
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         # kv_len is not needed: the graph attends over the whole pre-allocated cache (masked)
         self.token.copy_(tokens)

@@ -79,6 +79,9 @@ class HybridGraphedDecodeStep:
             out = fn()
         return graph, out
 
+    def describe(self) -> str:
+        return "CUDA graph decode"
+
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         # kv_len is not needed: the graph attends over the whole pre-allocated cache (masked)
         self.token.copy_(tokens)
