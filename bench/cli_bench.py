@@ -41,9 +41,11 @@ from bench.synthetic import SPARSITY_PROFILES
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--cold-format", type=click.Choice(["auto", "bf16", "fp16", "int8"]), default="auto",
               show_default=True, help="Storage of the hybrid's cold rows on the CPU.")
-@click.option("--cpu-format", type=click.Choice(["bf16", "f32"]), default="bf16", show_default=True,
-              help="Weights of the CPU systems: this engine in bfloat16 or float32, llama.cpp from an F16 or F32 GGUF "
-                   "(the hybrid's cold rows stay --cold-format).")
+@click.option("--cpu-format", type=click.Choice(["bf16", "f32", "q8_0", "q4_0", "q4_1"]), default="bf16",
+              show_default=True,
+              help="Weights of the CPU systems: this engine in bfloat16 or float32, llama.cpp from an F16 or F32 GGUF; "
+                   "or llama.cpp blocks (q8_0/q4_0/q4_1) for this engine's dense system and llama.cpp, from the same "
+                   "blocks (the hybrid's cold rows stay --cold-format).")
 @click.option("--profile-tokens-pipeline", "pipe_tokens", type=int, default=None,
               help="Synthetic model: tokens to profile (default per shape).")
 @click.option("--predictor-rank", type=int, default=None, help="Synthetic model: predictor rank (default 2 x latent).")

@@ -41,8 +41,12 @@ import numpy as np
 import torch
 
 from hybrid_runtime.errors import UserError
+from hybrid_runtime.quant import BLOCK, block_row_bytes, to_blocks
 
-GGUF_DTYPES = {"f16": np.float16, "f32": np.float32}
+GGUF_DTYPES = {"f16": np.float16, "f32": np.float32, "q8_0": np.uint8, "q4_0": np.uint8, "q4_1": np.uint8}
+# block formats: every matrix quantized by hybrid_runtime.quant.to_blocks (byte-equal to llama.cpp's own
+# quantizer for these types, tests/test_quant.py), vectors float32
+BLOCK_DTYPES = ("q8_0", "q4_0", "q4_1")
 
 # HF per-layer name -> llama.cpp name (after "model.layers.{i}." / "blk.{i}.")
 _LAYER_NAMES = {
@@ -199,7 +203,12 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
             a = permute_rope_rows(a, n_heads)
         elif kind == "attn_k":
             a = permute_rope_rows(a, n_kv)
-        return np.ascontiguousarray(a.astype(np.float32 if a.ndim == 1 else np_dtype))
+        if a.ndim == 1:
+            return np.ascontiguousarray(a.astype(np.float32))
+        if dtype in BLOCK_DTYPES:
+            rows = to_blocks(torch.from_numpy(np.ascontiguousarray(a.reshape(-1, a.shape[-1]))), dtype)
+            return rows.numpy().reshape(*a.shape[:-1], -1)
+        return np.ascontiguousarray(a.astype(np_dtype))
 
     shapes = {}
     for src, gg in plan:
@@ -228,7 +237,9 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
     if n_exp:
         w.add_expert_count(n_exp)
         w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                     "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype])
 
     special = {"bos": _id(cfg, "bos_token_id"), "eos": _id(cfg, "eos_token_id"),
                "pad": _id(cfg, "pad_token_id"), "unk": None}
@@ -245,6 +256,13 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, dtype: str = "f16") ->
 
     for _, gg in plan:
         shape = shapes[gg]
+        if len(shape) > 1 and dtype in BLOCK_DTYPES:
+            if shape[-1] % BLOCK:
+                raise UserError(f"{gg}: rows of {shape[-1]} weights cannot be {dtype} blocks (a multiple of {BLOCK})")
+            byte_shape = (*shape[:-1], block_row_bytes(shape[-1], dtype))
+            w.add_tensor_info(gg, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                              raw_dtype=gguf.GGMLQuantizationType[dtype.upper()])
+            continue
         t_dtype = np.dtype(np.float32 if len(shape) == 1 else np_dtype)
         w.add_tensor_info(gg, shape, t_dtype, int(np.prod(shape)) * t_dtype.itemsize)
 

@@ -135,8 +135,10 @@ def pick_cpu_dtype(matvec: dict) -> tuple[str, float]:
 
 
 def param_bytes(module: torch.nn.Module, device_type: str | None = None) -> int:
+    """Bytes of the module's weights: its parameters and its block-quantized matrices (quant.BlockLinear)."""
     seen, total = set(), 0
-    for p in module.parameters():
+    blocks = [m.blocks for m in module.modules() if hasattr(m, "blocks") and isinstance(m.blocks, torch.Tensor)]
+    for p in [*module.parameters(), *blocks]:
         if id(p) in seen or (device_type and p.device.type != device_type):
             continue
         seen.add(id(p))

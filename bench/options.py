@@ -54,7 +54,10 @@ SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in [
 GPU_DEFAULT = ["dense-gpu", "hybrid", "dense-offload", "hybrid-gpu", "hf-gpu", "hf-offload", "llamacpp-gpu",
                "llamacpp-offload"]
 CPU_DEFAULT = ["dense-cpu", "hybrid-cpu", "hybrid-cpu-exact", "hf-cpu", "llamacpp-cpu"]
-CPU_FORMATS = {"bf16": "bfloat16", "f32": "float32"}   # --cpu-format -> the torch dtype of the CPU systems
+# --cpu-format -> the torch dtype of the CPU systems; the block formats (quant.py) run this engine's matrices as
+# blocks (float32 activations) and llama.cpp from a GGUF of the same blocks
+CPU_FORMATS = {"bf16": "bfloat16", "f32": "float32", "q8_0": "float32", "q4_0": "float32", "q4_1": "float32"}
+BLOCK_CPU_FORMATS = ("q8_0", "q4_0", "q4_1")
 REFERENCE_FIGURES = {  # issue 7, measured on the H100 machine (2026-11-22) with the 7B shape: context only
     "llama.cpp, whole model on the GPU": 143.6, "llama.cpp, 20/32 layers on the GPU (~8 GiB)": 18.3,
     "llama.cpp, CPU only": 7.6, "PowerInfer, 8 GiB": 27.4, "PowerInfer, whole model on the GPU": 66.3,

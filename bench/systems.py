@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hybrid_runtime.errors import UserError
-from bench.options import CPU_FORMATS, BenchLog, BenchOptions, GiB, REPO, SYSTEMS
+from bench.options import BLOCK_CPU_FORMATS, CPU_FORMATS, BenchLog, BenchOptions, GiB, REPO, SYSTEMS
 from bench.limits import (Limit, _proc_status, free_memory, kv_read_bytes, param_bytes, reset_peak_rss,
                           sequential_limit)
 from bench.step_profile import (FiringCounter, PhaseProfiler, SelectionCounter, _decode_loop, format_graphed_profile,
@@ -272,8 +272,10 @@ def _open(ctx: Ctx, path: Path, device: str, **kw):
 def _dense_limit(ctx: Ctx, model, where: str) -> Limit:
     cfg = ctx.cfg
     elem = model.tok_embeddings.weight.element_size()
-    # one embedding row is read; a tied lm_head is the same tensor, read whole; an MoE layer reads top-k experts
-    weights = param_bytes(model) - (0 if cfg.tie_embeddings else model.tok_embeddings.weight.numel() * elem) \
+    # one embedding row is read; a tied lm_head is the same tensor, read whole (a block lm_head is its own
+    # tensor: the float embeddings are then one row); an MoE layer reads top-k experts
+    emb_is_head = cfg.tie_embeddings and getattr(model.output, "weight", None) is model.tok_embeddings.weight
+    weights = param_bytes(model) - (0 if emb_is_head else model.tok_embeddings.weight.numel() * elem) \
         - unrouted_expert_bytes(cfg, elem)
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     if where == "gpu":
@@ -307,8 +309,13 @@ def cpu_format_dtype(ctx: Ctx) -> str:
 
 
 def build_dense_cpu(ctx: Ctx):
-    lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", dtype=cpu_format_dtype(ctx))
-    info = {"dtype": str(lm.dtype).replace("torch.", ""), "decode": _decode_info(lm)}
+    fmt = ctx.opts.cpu_format
+    if fmt in BLOCK_CPU_FORMATS:
+        lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", weights=fmt)
+    else:
+        lm = _open(ctx, ctx.dense_dir, "cpu", mode="dense", dtype=cpu_format_dtype(ctx))
+    info = {"dtype": str(lm.dtype).replace("torch.", "") + (f", matrices {fmt} blocks" if fmt in BLOCK_CPU_FORMATS else ""),
+            "decode": _decode_info(lm)}
     return EngineRunner(lm.model, lm.tokenizer, lm.device, lm.context, lm.decode_step), info, \
         _dense_limit(ctx, lm.model, "cpu")
 
@@ -409,6 +416,8 @@ def _selection_counts(ctx: Ctx, lm) -> list[tuple]:
 def build_hybrid(ctx: Ctx, budget: int | None = None, full_gpu: bool = False, device: str = "cuda",
                  mode: str = "predictor"):
     cold_format = None if ctx.opts.cold_format == "auto" else ctx.opts.cold_format
+    if device == "cpu" and ctx.opts.cpu_format in BLOCK_CPU_FORMATS:
+        raise _Skip(f"--cpu-format {ctx.opts.cpu_format}: the cold-row kernels read no blocks yet (dense only)")
     if device == "cpu":
         lm = _open(ctx, ctx.hybrid_dir, "cpu", mode=mode, cold_format=cold_format, dtype=cpu_format_dtype(ctx))
     elif full_gpu:
@@ -497,7 +506,10 @@ def physical_cores() -> int:
 
 def gguf_type(ctx: Ctx, cpu_only: bool = True) -> str:
     """The GGUF weight type llama.cpp runs: F32 for a CPU-only run under --cpu-format f32, else F16."""
-    return "f32" if (cpu_only or not ctx.cuda) and ctx.opts.cpu_format == "f32" else "f16"
+    fmt = ctx.opts.cpu_format
+    if (cpu_only or not ctx.cuda) and fmt in BLOCK_CPU_FORMATS:
+        return fmt
+    return "f32" if (cpu_only or not ctx.cuda) and fmt == "f32" else "f16"
 
 
 def gguf_path(ctx: Ctx, kind: str = "f16") -> Path:
@@ -515,7 +527,7 @@ def drop_gguf(ctx: Ctx, reason: str | None) -> None:
     only when the disk is short, i.e. another file of its size would not fit any more."""
     if ctx.hf_dir is None:
         return
-    for kind in ("f16", "f32"):
+    for kind in ("f16", "f32", *BLOCK_CPU_FORMATS):
         _drop_gguf(ctx, gguf_path(ctx, kind), reason)
 
 
@@ -545,7 +557,7 @@ def llamacpp_gguf(ctx: Ctx, kind: str = "f16") -> Path:
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         ctx.log(f"llama.cpp: reusing {out} ({out.stat().st_size / GiB:.2f} GiB)")
         return out
-    need, free = dense_weight_bytes(ctx.cfg, 4 if kind == "f32" else 2), free_bytes(out.parent)
+    need, free = dense_weight_bytes(ctx.cfg, {"f32": 4, "f16": 2}.get(kind, 1)), free_bytes(out.parent)
     if free < need_with_margin(need):
         raise _Skip(f"not enough disk for the {kind} GGUF: needs {need_with_margin(need) / GiB:.1f} GiB, "
                     f"{free / GiB:.1f} GiB free in {out.parent}")
@@ -728,7 +740,8 @@ def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
         ctx.log.note(note)
     runner = LlamaCppRunner(child, info)
     # bytes per token: weights (one embedding row) + KV cache (f16 either way); GPU layers / GPU bw, the rest / CPU bw
-    wb = 4 if kind == "f32" else 2
+    from hybrid_runtime.quant import BLOCK, BLOCK_BYTES
+    wb = {"f32": 4, "f16": 2}.get(kind) or BLOCK_BYTES.get(kind, 2 * BLOCK) / BLOCK   # blocks: bytes a weight
     routed = max(getattr(cfg, "experts_per_token", 0), 1)   # MoE: the top-k experts and the router
     per_layer = wb * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
                      + routed * 3 * cfg.dim * cfg.ffn_dim + getattr(cfg, "n_experts", 0) * cfg.dim + 2 * cfg.dim)

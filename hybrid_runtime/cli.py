@@ -53,6 +53,10 @@ def model_options(f):
                        "overriding the placement solver.")
     @click.option("--cold-format", type=click.Choice(["bf16", "fp16", "int8"]), default=None,
                   help="CPU storage of cold neurons (default: the checkpoint's 16-bit type).")
+    @click.option("--weights", default="auto", show_default=True,
+                  help="Dense on the CPU: matrices as llama.cpp blocks, q8_0 (int8), q4_1 (int4) or q4_0, read by "
+                       "block kernels (less RAM); float de-quantizes a GGUF file; auto keeps a GGUF file's blocks "
+                       "and a float checkpoint's floats.")
     @click.option("--debug", is_flag=True, hidden=True)
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -77,10 +81,10 @@ def sampling_options(f):
     return wrapper
 
 
-def _open(model, device, dtype, threads, context, mode, gpu_memory, hot_fraction, cold_format):
+def _open(model, device, dtype, threads, context, mode, gpu_memory, hot_fraction, cold_format, weights):
     from hybrid_runtime.session import open_model
     return open_model(model, device=device, dtype=dtype, threads=threads, context=context, mode=mode,
-                      gpu_memory=gpu_memory, hot_fraction=hot_fraction, cold_format=cold_format)
+                      gpu_memory=gpu_memory, hot_fraction=hot_fraction, cold_format=cold_format, weights=weights)
 
 
 def _describe(lm) -> None:

@@ -50,7 +50,8 @@ from numba import njit, prange, types
 from numba.core.extending import intrinsic, overload
 from numba.typed import List
 
-from hybrid_runtime.cpu_ffn import (FMT_BF16, FMT_F32, _axpy_row, _axpy_row4, _combine, _dot_row, _dot_row4,
+from hybrid_runtime.cpu_ffn import (BLOCK_FORMATS, FMT_BF16, FMT_F32, _axpy_row, _axpy_row4, _block_dot_row_acc, _combine, _dot_row,
+                                    _dot_row4,
                                     _first_call, _gate_act, _prefetch_rows, _ready, _w, cold_ffn_decode_kernel)
 from hybrid_runtime.errors import log
 
@@ -112,6 +113,32 @@ def _matvec(w, fmt, x, out):
             out[r], out[r + 1], out[r + 2], out[r + 3] = _dot_row4(w[r], w[r + 1], w[r + 2], w[r + 3], fmt, x)
     for r in range(n_full * _ROWS_PER_TASK, n):
         out[r] = _dot_row(w[r], fmt, x)
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _block_matvec(w, fmt, x, out):
+    """out[r] = w[r] . x for every block row r of w (n, row bytes): tasks of 16 rows, each with its own
+    32-lane accumulator; the next rows prefetched while one streams."""
+    n = w.shape[0]
+    n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for t in prange(n_tasks):
+        acc = np.empty(32, np.float32)
+        r0 = t * _ROWS_PER_TASK
+        for r in range(r0, min(r0 + _ROWS_PER_TASK, n)):
+            _prefetch_rows(w, r + 1, r + 3)
+            out[r] = _block_dot_row_acc(w[r], fmt, x, acc)
+
+
+def _mv(w, fmt, x, out):
+    """out = w x: `_matvec` for element rows, `_block_matvec` for block rows (compiled per dtype)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(_mv)
+def _mv_typed(w, fmt, x, out):
+    if w.dtype == types.uint8:
+        return lambda w, fmt, x, out: _block_matvec(w, fmt, x, out)
+    return lambda w, fmt, x, out: _matvec(w, fmt, x, out)
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -270,56 +297,47 @@ def _route(router, x, top_k, p, chosen):
     return top_k
 
 
-# ----------------------------------------------------------------------------- the token
-
 @njit(nogil=True, cache=True, fastmath=True)
-def decode_token_kernel(
-        token, pos, start, kv_len,                                     # scalars of this step
-        emb, emb_scale, emb_fmt, wfmt, n_heads, n_kv_heads, head_dim, eps, residual_scale,
-        attn_norm, wqkv, bqkv, wo, bo, kcache, vcache, cache_fmt, rope_cos, rope_sin,
-        ffn_norm, ffn_mode, ffn_fmt, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
-        pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual,
-        router, top_k,
-        final_norm, out_w, logit_scale,
-        h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work,
-        sparse_idx, expert_out, router_p, chosen, logits):
-    """One token through every layer into `logits` (V,). Per-layer arguments are typed Lists (one
-    entry per layer) or arrays indexed by layer; gate/up/down hold one entry per layer, or per (layer,
-    expert) at layer * n_experts + e for an MoE model; everything after `logit_scale` is a workspace."""
-    d = h.shape[0]
-    e = emb[token]
-    for j in range(d):
-        h[j] = _w(e, j, emb_fmt) * emb_scale
-    q_kv = (n_heads + n_kv_heads) * head_dim
-    cos = rope_cos[pos]
-    sin = rope_sin[pos]
-    for layer in range(len(wqkv)):
-        # ---- attention
-        _rms_norm(h, attn_norm[layer], eps, xn)
-        _matvec(wqkv[layer], wfmt, xn, qkv)
-        b = bqkv[layer]
-        for i in range(b.shape[0]):
-            qkv[i] += b[i]
-        for hh in range(n_heads + n_kv_heads):
-            _rope(qkv[hh * head_dim:(hh + 1) * head_dim], cos, sin)
-        kc = kcache[layer]
-        vc = vcache[layer]
-        for kvh in range(n_kv_heads):
-            krow = kc[kvh, pos]
-            vrow = vc[kvh, pos]
-            for j in range(head_dim):
-                _put(krow, j, qkv[n_heads * head_dim + kvh * head_dim + j])
-                _put(vrow, j, qkv[q_kv + kvh * head_dim + j])
-        _attention(qkv, n_heads, n_kv_heads, head_dim, kc, vc, cache_fmt, start, kv_len, scores, att)
-        _matvec(wo[layer], wfmt, att, branch)
-        b = bo[layer]
-        for i in range(b.shape[0]):
-            branch[i] += b[i]
-        for j in range(d):
-            h[j] += residual_scale * branch[j]
-        # ---- FFN
-        _rms_norm(h, ffn_norm[layer], eps, xn)
-        mode = ffn_mode[layer]
+def _block_dense_ffn(gate, up, down, fmt_gate, fmt_up, fmt_down, x, act, threshold, a, u, y):
+    """The dense FFN over block rows: a = act(gate x) * (up x); y = down a with down (d, f) in the
+    checkpoint's orientation (its blocks run along the neurons). a, u (f,) are workspaces."""
+    _block_matvec(gate, fmt_gate, x, a)
+    _block_matvec(up, fmt_up, x, u)
+    for i in range(a.shape[0]):
+        a[i] = _combine(_gate_act(a[i], act, threshold), u[i], act, threshold)
+    _block_matvec(down, fmt_down, a, y)
+
+
+def _layer_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
+               pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
+               ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
+               router_p, chosen, branch):
+    """branch = the FFN of layer `layer` on xn (= norm(h)), by its mode. Compiled per weight dtype: element
+    rows (float32, bf16, the cold formats) have every mode; block rows (quant.py) the dense FFN only."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(_layer_ffn)
+def _layer_ffn_typed(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
+                     pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
+                     ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
+                     router_p, chosen, branch):
+    if gate.dtype.dtype == types.uint8:
+        def block_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
+                      pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
+                      ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
+                      router_p, chosen, branch):
+            _block_dense_ffn(gate[layer], up[layer], down[layer], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4],
+                             xn, act[layer], act_threshold[layer], ffn_a, pred_logits, branch)
+            # (pred_logits, (f,) and unused by a dense layer, holds the up products)
+        return block_ffn
+
+    def element_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
+                    pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
+                    ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
+                    router_p, chosen, branch):
+        ffn_fmt = fmts[layer, 2]
+        d = xn.shape[0]
         if mode == FFN_DENSE:
             _dense_ffn(gate[layer], up[layer], down[layer], ffn_fmt, xn, act[layer], act_threshold[layer],
                        ffn_a, partial, branch)
@@ -346,12 +364,69 @@ def decode_token_kernel(
             cold_ffn_decode_kernel(gate[layer], up[layer], down[layer], gate_scale[layer], up_scale[layer],
                                    down_scale[layer], ffn_fmt, xn, active, act[layer], act_threshold[layer],
                                    partial, sparse_work, sparse_idx, branch)
+    return element_ffn
+
+
+# ----------------------------------------------------------------------------- the token
+
+@njit(nogil=True, cache=True, fastmath=True)
+def decode_token_kernel(
+        token, pos, start, kv_len,                                     # scalars of this step
+        emb, emb_scale, emb_fmt, fmts, out_fmt, n_heads, n_kv_heads, head_dim, eps, residual_scale,
+        attn_norm, wqkv, bqkv, wo, bo, kcache, vcache, cache_fmt, rope_cos, rope_sin,
+        ffn_norm, ffn_mode, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
+        pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual,
+        router, top_k,
+        final_norm, out_w, logit_scale,
+        h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work,
+        sparse_idx, expert_out, router_p, chosen, logits):
+    """One token through every layer into `logits` (V,). Per-layer arguments are typed Lists (one
+    entry per layer) or arrays indexed by layer; gate/up/down hold one entry per layer, or per (layer,
+    expert) at layer * n_experts + e for an MoE model; fmts (L, 5) is the storage format of each layer's
+    qkv, wo, gate, up and down (FMT_*); everything after `logit_scale` is a workspace."""
+    d = h.shape[0]
+    e = emb[token]
+    for j in range(d):
+        h[j] = _w(e, j, emb_fmt) * emb_scale
+    q_kv = (n_heads + n_kv_heads) * head_dim
+    cos = rope_cos[pos]
+    sin = rope_sin[pos]
+    for layer in range(len(wqkv)):
+        # ---- attention
+        _rms_norm(h, attn_norm[layer], eps, xn)
+        _mv(wqkv[layer], fmts[layer, 0], xn, qkv)
+        b = bqkv[layer]
+        for i in range(b.shape[0]):
+            qkv[i] += b[i]
+        for hh in range(n_heads + n_kv_heads):
+            _rope(qkv[hh * head_dim:(hh + 1) * head_dim], cos, sin)
+        kc = kcache[layer]
+        vc = vcache[layer]
+        for kvh in range(n_kv_heads):
+            krow = kc[kvh, pos]
+            vrow = vc[kvh, pos]
+            for j in range(head_dim):
+                _put(krow, j, qkv[n_heads * head_dim + kvh * head_dim + j])
+                _put(vrow, j, qkv[q_kv + kvh * head_dim + j])
+        _attention(qkv, n_heads, n_kv_heads, head_dim, kc, vc, cache_fmt, start, kv_len, scores, att)
+        _mv(wo[layer], fmts[layer, 1], att, branch)
+        b = bo[layer]
+        for i in range(b.shape[0]):
+            branch[i] += b[i]
+        for j in range(d):
+            h[j] += residual_scale * branch[j]
+        # ---- FFN
+        _rms_norm(h, ffn_norm[layer], eps, xn)
+        _layer_ffn(layer, ffn_mode[layer], fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act,
+                   act_threshold, pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router,
+                   top_k, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
+                   router_p, chosen, branch)
         for j in range(d):
             h[j] += residual_scale * branch[j]
     _rms_norm(h, final_norm, eps, xn)
     for j in range(d):
         xn[j] *= logit_scale
-    _matvec(out_w, wfmt, xn, logits)
+    _mv(out_w, out_fmt, xn, logits)
 
 
 # ----------------------------------------------------------------------------- the step object
@@ -395,6 +470,7 @@ def unsupported_reason(model) -> str | None:
 
     from hybrid_runtime.hybrid import HybridFFN
     from hybrid_runtime.model import Attention, Block, FeedForward, MoEFeedForward
+    from hybrid_runtime.quant import BlockFeedForward, BlockLinear
     unknown = {f.name for f in dataclasses.fields(model.config)} - HANDLED_CONFIG_FIELDS
     if unknown:
         return f"config field(s) {', '.join(sorted(unknown))} not implemented by the one-call CPU decode"
@@ -422,11 +498,26 @@ def unsupported_reason(model) -> str | None:
             kinds.add(("FeedForward", ffn.gate.dtype))
         elif type(ffn) is MoEFeedForward:
             kinds.add(("MoEFeedForward", ffn.experts[0].gate.dtype))
+        elif type(ffn) is BlockFeedForward:
+            kinds.add(("BlockFeedForward", torch.uint8))
         else:
             return f"FFN module {type(ffn).__name__}"
     if len(kinds) > 1:
         return "layers with different FFN kinds"
+    blocks = {isinstance(m, BlockLinear) for layer in model.layers for m in (layer.attn.wqkv, layer.attn.wo)}
+    blocks.add(isinstance(model.output, BlockLinear))
+    if len(blocks) > 1:
+        return "block-quantized and float attention / output matrices mixed"
     return None
+
+
+def _matrix(m) -> tuple[np.ndarray, int]:
+    """(stored rows, FMT_* code) of an nn.Linear, a BlockLinear or a weight tensor (no copy)."""
+    from hybrid_runtime.quant import BlockLinear
+    if isinstance(m, BlockLinear):
+        return m.blocks.numpy(), BLOCK_FORMATS[m.fmt]
+    t = m.weight if isinstance(m, torch.nn.Linear) else m
+    return _np(t), FMT_BF16 if t.dtype == torch.bfloat16 else FMT_F32
 
 
 class CpuDecodeStep:
@@ -443,8 +534,9 @@ class CpuDecodeStep:
         self.model, self.config = model, cfg
         layers = model.layers
         attn0 = layers[0].attn
-        wdtype = attn0.wqkv.weight.dtype
-        self.wfmt = FMT_BF16 if wdtype == torch.bfloat16 else FMT_F32
+        qkv = [_matrix(layer.attn.wqkv) for layer in layers]
+        wo = [_matrix(layer.attn.wo) for layer in layers]
+        out_w, out_fmt = _matrix(model.output)
         emb = model.tok_embeddings.weight
         self.emb_fmt = FMT_BF16 if emb.dtype == torch.bfloat16 else FMT_F32
         self.cache_fmt = FMT_BF16 if attn0.kv_cache.k.dtype == torch.bfloat16 else FMT_F32
@@ -454,7 +546,7 @@ class CpuDecodeStep:
         hybrid = hasattr(ffn0, "cold")
         if hybrid:
             colds = [layer.ffn.cold.cold for layer in layers]
-            self.ffn_fmt = colds[0].fmt_code
+            ffn_fmts = [(c.fmt_code,) * 3 for c in colds]
             gate, up, down = ([getattr(c, n) for c in colds] for n in ("gate", "up", "down"))
             scales = [[getattr(c, n) for c in colds] for n in ("gate_scale", "up_scale", "down_scale")]
             acts = [layer.ffn.activation for layer in layers]
@@ -465,10 +557,11 @@ class CpuDecodeStep:
             f_max = max(c.n_rows for c in colds)
         else:
             moe = cfg.n_experts > 0
-            self.ffn_fmt = self.wfmt
             # one entry per layer, or per (layer, expert) at layer * n_experts + e
             experts = [ex for layer in layers for ex in layer.ffn.experts] if moe else [layer.ffn for layer in layers]
-            gate, up, down = ([_np(getattr(m, n)) for m in experts] for n in ("gate", "up", "down"))
+            gate, up, down = ([_matrix(getattr(m, n)) for m in experts] for n in ("gate", "up", "down"))
+            ffn_fmts = [(g[1], u[1], dn[1]) for g, u, dn in zip(gate, up, down)][::len(experts) // L]
+            gate, up, down = ([a for a, _ in ms] for ms in (gate, up, down))
             empty = np.zeros(0, np.float32)
             scales = [[empty] * len(experts) for _ in range(3)]
             acts = [layer.ffn.activation for layer in layers]
@@ -495,22 +588,24 @@ class CpuDecodeStep:
         n_threads = numba.get_num_threads()
         S = model.max_seq_len
         self._weights = (
-            _np(emb), np.float32(cfg.scale_emb), self.emb_fmt, self.wfmt, cfg.n_heads, cfg.n_kv_heads,
+            _np(emb), np.float32(cfg.scale_emb), self.emb_fmt,
+            np.array([(q[1], o[1], *f) for q, o, f in zip(qkv, wo, ffn_fmts)], np.int64), out_fmt,
+            cfg.n_heads, cfg.n_kv_heads,
             cfg.head_dim, np.float32(cfg.norm_eps), np.float32(cfg.residual_scale),
             _typed([_f32(layer.attn_norm.weight) for layer in layers]),
-            _typed([_np(layer.attn.wqkv.weight) for layer in layers]),
+            _typed([a for a, _ in qkv]),
             _typed([_f32(layer.attn.wqkv.bias) for layer in layers]),
-            _typed([_np(layer.attn.wo.weight) for layer in layers]),
+            _typed([a for a, _ in wo]),
             _typed([_f32(layer.attn.wo.bias) for layer in layers]),
             _typed([_np(layer.attn.kv_cache.k[0]) for layer in layers]),
             _typed([_np(layer.attn.kv_cache.v[0]) for layer in layers]),
             self.cache_fmt, model.rope_cos.numpy(), model.rope_sin.numpy(),
             _typed([_f32(layer.ffn.norm.weight) for layer in layers]),
-            np.full(L, mode, np.int64), self.ffn_fmt, _typed(gate), _typed(up), _typed(down),
+            np.full(L, mode, np.int64), _typed(gate), _typed(up), _typed(down),
             *(_typed(s) for s in scales), np.array(act_codes, np.int64), np.array(act_thr, np.float32),
             _typed(w1), _typed(b1), _typed(w2), _typed(b2), thr, reads_residual,
             _typed(routers), max(cfg.experts_per_token, 1),
-            _f32(model.norm.weight), _np(model.output.weight), np.float32(cfg.logit_scale),
+            _f32(model.norm.weight), out_w, np.float32(cfg.logit_scale),
         )
         self._sizes = (q_rows, S, f_max, max(r_max, 1))
         self._make_work(n_threads)

@@ -10,6 +10,7 @@ The tokenizer and chat template come from the same file (transformers reads them
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,32 +119,81 @@ def float_dtype(reader) -> torch.dtype:
     return torch.float32
 
 
+BLOCK_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+
+
+def _dequantized(t, path: Path) -> np.ndarray:
+    from gguf import quants
+    kind = t.tensor_type.name
+    try:
+        if kind in FLOAT_TYPES and kind != "BF16":
+            a = np.asarray(t.data)
+        else:
+            a = quants.dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: tensor {t.name!r} has type {kind}, which the gguf package cannot "
+                        f"de-quantize ({e})") from None
+    if kind == "BF16":   # the package returns bf16 as its float32 values
+        a = np.asarray(a, np.float32)
+    return np.asarray(a).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))   # GGUF lists dims fastest first
+
+
+def _hf_name(t, path: Path) -> str | None:
+    name = next((tmpl.format(*m.groups()) for rx, tmpl in _COMPILED if (m := rx.match(t.name))), None)
+    if name is None and not _IGNORED.match(t.name):
+        raise UserError(f"{path}: GGUF tensor {t.name!r} is not part of a LLaMA model")
+    return name
+
+
+class FileBlocks:
+    """A matrix (rows, d) as blocks: `data` uint8 (rows, row bytes) in `fmt` (quant.FORMATS)."""
+
+    def __init__(self, data: torch.Tensor, fmt: str, d: int):
+        self.data, self.fmt, self.d = data, fmt, d
+
+
+def iter_gguf_blocks(reader, cfg: dict, path: Path, converted: list[str]):
+    """(HF name, FileBlocks or float32 tensor, path): every 2-D matrix but the token embeddings as blocks
+    (the file's own when Q8_0 / Q4_0 / Q4_1, else quantized to Q8_0 and its name appended to `converted`),
+    the embeddings and norms as float32."""
+    from hybrid_runtime.quant import to_blocks
+    for t in reader.tensors:
+        name = _hf_name(t, path)
+        if name is None:
+            continue
+        if len(t.shape) < 2 or name == "model.embed_tokens.weight":
+            yield name, torch.from_numpy(np.array(_dequantized(t, path), np.float32)), path
+            continue
+        d = int(t.shape[0])
+        kind = t.tensor_type.name
+        if kind in BLOCK_TYPES:
+            with warnings.catch_warnings():   # the file's read-only map, used as it is (never written)
+                warnings.simplefilter("ignore", UserWarning)
+                data = torch.from_numpy(np.asarray(t.data))    # (rows, row bytes)
+            fmt = BLOCK_TYPES[kind]
+        else:
+            data = to_blocks(torch.from_numpy(np.array(_dequantized(t, path), np.float32)), "q8_0")
+            fmt = "q8_0"
+            converted.append(f"{t.name} ({kind})")
+        if name.endswith(("q_proj.weight", "k_proj.weight")):   # rows are whole blocks: permute them as rows
+            heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
+            data = torch.from_numpy(unpermute_rope_rows(data.numpy(), heads))
+        yield name, FileBlocks(data, fmt, d), path
+
+
 def iter_gguf_tensors(reader, cfg: dict, path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(HF name, tensor, path) for every tensor; quantized blocks de-quantized to float32."""
-    from gguf import quants
     for t in reader.tensors:
-        name = next((tmpl.format(*m.groups()) for rx, tmpl in _COMPILED if (m := rx.match(t.name))), None)
+        name = _hf_name(t, path)
         if name is None:
-            if _IGNORED.match(t.name):
-                continue
-            raise UserError(f"{path}: GGUF tensor {t.name!r} is not part of a LLaMA model")
-        kind = t.tensor_type.name
-        try:
-            if kind in FLOAT_TYPES and kind != "BF16":
-                a = np.asarray(t.data)
-            else:
-                a = quants.dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, KeyError, ValueError) as e:
-            raise UserError(f"{path}: tensor {t.name!r} has type {kind}, which the gguf package cannot "
-                            f"de-quantize ({e})") from None
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))     # GGUF lists dims fastest first
-        a = np.asarray(a).reshape(shape)
+            continue
+        a = _dequantized(t, path)
         if name.endswith("q_proj.weight"):
             a = unpermute_rope_rows(a, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             a = unpermute_rope_rows(a, cfg["num_key_value_heads"])
         a = np.ascontiguousarray(a)
         tensor = torch.from_numpy(a if a.flags.writeable else a.copy())   # F32/F16 data is the read-only file map
-        if kind == "BF16":
+        if t.tensor_type.name == "BF16":
             tensor = tensor.to(torch.bfloat16)
         yield name, tensor, path

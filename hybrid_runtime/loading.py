@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hybrid_runtime.errors import UserError
@@ -157,7 +158,7 @@ def load_model(path: str | os.PathLike | ModelDir, device: str | torch.device = 
         kinds = quantized_types(md.gguf)
         if kinds:
             print(f"note: {model_dir.name}: {'/'.join(kinds)} blocks de-quantized to "
-                  f"{str(dtype).replace('torch.', '')} (the runtime has no quantized weight format yet)",
+                  f"{str(dtype).replace('torch.', '')} (the block kernels run the dense model on the CPU only)",
                   file=sys.stderr)
     for i in range(cfg.n_layers):  # layer by layer: only one layer's q/k/v exist twice at a time
         fuse_qkv_(state, f"layers.{i}.attn.")
@@ -190,3 +191,75 @@ def load_tokenizer(model_dir: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:
         raise UserError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_block_model(md: ModelDir) -> Transformer:
+    """A GGUF file's model with its matrices kept as blocks (quant.BlockLinear / BlockFeedForward): Q8_0,
+    Q4_0 and Q4_1 as in the file, other types converted to Q8_0 (said); embeddings and norms float32.
+
+    q, k and v become one fused block matrix when they share a format; otherwise all three are converted
+    to Q8_0 (said). A tied lm_head reads the embedding's own blocks (token_embd, Q8_0 if it was float)."""
+    from hybrid_runtime.gguf_reader import FileBlocks, iter_gguf_blocks
+    from hybrid_runtime.quant import BlockFeedForward, BlockLinear, from_blocks, to_blocks
+    cfg = md.config
+    cfg.require_dense_ffn("block-quantized weights")
+    converted: list[str] = []
+    floats: dict[str, torch.Tensor] = {}
+    blocks: dict[str, FileBlocks] = {}
+    for hf_name, t, _ in iter_gguf_blocks(md.gguf, md.hf_config, md.path, converted):
+        name, _ = native_name(hf_name)
+        (blocks if isinstance(t, FileBlocks) else floats)[name] = t
+
+    def take(name: str) -> FileBlocks:
+        if name not in blocks:
+            raise UserError(f"{md.path}: the GGUF file lacks the tensor for {name!r}")
+        return blocks.pop(name)
+
+    def as_q8_0(b: FileBlocks, what: str) -> FileBlocks:
+        if b.fmt == "q8_0":
+            return b
+        converted.append(f"{what} ({b.fmt}, to fuse q/k/v)")
+        return FileBlocks(to_blocks(from_blocks(b.data, b.fmt), "q8_0"), "q8_0", b.d)
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        q, k, v = (take(f"{p}attn.{n}.weight") for n in ("wq", "wk", "wv"))
+        if len({q.fmt, k.fmt, v.fmt}) > 1:
+            q, k, v = (as_q8_0(b, f"layer {i} {n}") for b, n in ((q, "q"), (k, "k"), (v, "v")))
+        bias = [floats.pop(f"{p}attn.{n}.bias", None) for n in ("wq", "wk", "wv")]
+        layer.attn.wqkv = BlockLinear(torch.cat([q.data, k.data, v.data]), q.fmt, q.d,
+                                      torch.cat(bias) if all(b is not None for b in bias) else None)
+        o = take(f"{p}attn.wo.weight")
+        layer.attn.wo = BlockLinear(o.data, o.fmt, o.d, floats.pop(f"{p}attn.wo.bias", None))
+        g, u, dn = (take(f"{p}ffn.{n}") for n in ("gate", "up", "down"))
+        layer.ffn = BlockFeedForward(layer.ffn.norm, BlockLinear(g.data, g.fmt, g.d), BlockLinear(u.data, u.fmt, u.d),
+                                     BlockLinear(dn.data, dn.fmt, dn.d), cfg.activation)
+    if cfg.tie_embeddings:
+        out = _embedding_blocks(md, floats["tok_embeddings.weight"], converted)
+    else:
+        out = take("output.weight")
+    model.output = BlockLinear(out.data, out.fmt, out.d)
+    if blocks:
+        raise UserError(f"{md.path}: GGUF tensor(s) for {', '.join(sorted(blocks))} do not fit the config")
+    missing = [n for n, t in model.state_dict().items() if t.is_meta and n not in floats]
+    if missing:
+        raise UserError(f"{md.path}: the GGUF file lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    model.load_state_dict(floats, strict=False, assign=True)
+    if converted:
+        print(f"note: {md.path.name}: {len(converted)} matrices converted to q8_0 blocks (no kernel reads their "
+              f"type), e.g. {converted[0]}", file=sys.stderr)
+    return model.eval().requires_grad_(False)
+
+
+def _embedding_blocks(md: ModelDir, emb: torch.Tensor, converted: list[str]):
+    """The tied lm_head's blocks: the file's token_embd blocks when they are a kept format, else Q8_0."""
+    from hybrid_runtime.gguf_reader import BLOCK_TYPES, FileBlocks
+    from hybrid_runtime.quant import to_blocks
+    t = next(t for t in md.gguf.tensors if t.name == "token_embd.weight")
+    kind = t.tensor_type.name
+    if kind in BLOCK_TYPES:
+        return FileBlocks(torch.from_numpy(np.array(t.data)), BLOCK_TYPES[kind], emb.shape[1])
+    converted.append(f"token_embd.weight ({kind}, as the tied lm_head)")
+    return FileBlocks(to_blocks(emb, "q8_0"), "q8_0", emb.shape[1])

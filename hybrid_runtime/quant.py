@@ -15,18 +15,35 @@ codes trunc(w / scale + 8.5) clipped to 15; Q4_1 scale = (max - min) / 15, codes
 all computed in fp32, scales and mins stored as fp16.
 tests/test_quant.py checks equality with the `gguf` package on random and adversarial rows.
 
-Kernels reading these blocks (Numba on the CPU, CUDA on the GPU) are not written yet; `dequantize_*` is
-their reference, and `fake_quantize` (quantize, then dequantize) is what the quality measurement
-(`bench/quant_quality.py`) runs.
+At rest a quantized matrix (n, d) is one uint8 array (n, d/32 * block bytes): each row its blocks in
+order, each block its fp16 scale (and fp16 min for Q4_1) then its codes, byte for byte a GGUF tensor's
+data (`to_blocks` / `from_blocks`). So a GGUF file's blocks are used as they are (no copy), a row is one
+memory stream, and the Numba kernels (`cpu_ffn._block_dot_row4` and friends) read rows of it; their
+reference is `from_blocks` (de-quantize), then float64 arithmetic.
+
+The modules: `BlockLinear` (a Linear whose weight is blocks) and `BlockFeedForward` (the dense FFN with
+gate, up (f, d) and down in the checkpoint's own (d, f) orientation, so down's blocks run along the
+neurons as in every GGUF file: the Q4_1 quality measurement found +9.6% perplexity when down is blocked
+the other way). `quantize_model_` swaps them in. Their torch `forward` de-quantizes the whole matrix per
+call (the prefill: ~4 G weights/s on the dev VM's two cores); decode on the CPU reads the blocks
+directly (cpu_decode.py).
+There are no CUDA kernels for blocks yet: quantized weights run on the CPU only.
+`fake_quantize` (quantize, then dequantize) is what the quality measurement (`bench/quant_quality.py`) runs.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from hybrid_runtime.errors import UserError
 
 BLOCK = 32
 FORMATS = ("q8_0", "q4_0", "q4_1")
+BLOCK_BYTES = {"q8_0": 2 + 32, "q4_0": 2 + 16, "q4_1": 2 + 2 + 16}   # per 32 weights
+# what the --weights names mean: int8 is Q8_0, int4 is Q4_1 (its offset grid loses far less than
+# Q4_0's on the real model: bench/results/README.md, quantization quality)
+WEIGHT_ALIASES = {"int8": "q8_0", "int4": "q4_1"}
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -103,3 +120,128 @@ def fake_quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "q4_1":
         return dequantize_q4_1(*quantize_q4_1(w)).to(w.dtype)
     raise UserError(f"unknown weight format {fmt!r} (use one of: {', '.join(FORMATS)})")
+
+
+# ----------------------------------------------------------------------------- GGUF block layout
+
+def _half_bytes(h: torch.Tensor) -> torch.Tensor:
+    """(n, nb) fp16 -> (n, nb, 2) its little-endian bytes."""
+    return h.contiguous().view(torch.uint8).reshape(*h.shape, 2)
+
+
+def to_blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(n, d) float -> (n, d/32 * BLOCK_BYTES[fmt]) uint8: a GGUF tensor's data, byte for byte."""
+    n, d = w.shape
+    nb = d // BLOCK
+    if fmt == "q8_0":
+        codes, scales = quantize_q8_0(w)
+        parts = [_half_bytes(scales), codes.view(torch.uint8).reshape(n, nb, BLOCK)]
+    elif fmt == "q4_0":
+        codes, scales = quantize_q4_0(w)
+        parts = [_half_bytes(scales), codes.reshape(n, nb, BLOCK // 2)]
+    elif fmt == "q4_1":
+        codes, scales, mins = quantize_q4_1(w)
+        parts = [_half_bytes(scales), _half_bytes(mins), codes.reshape(n, nb, BLOCK // 2)]
+    else:
+        raise UserError(f"unknown weight format {fmt!r} (use one of: {', '.join(FORMATS)})")
+    return torch.cat(parts, dim=-1).reshape(n, nb * BLOCK_BYTES[fmt])
+
+
+def from_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """(n, row bytes) uint8 blocks -> (n, d) float32: the reference every block kernel is checked against."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n, -1, BLOCK_BYTES[fmt])                                      # (n, nb, bytes)
+
+    def half(o: int) -> torch.Tensor:
+        return b[..., o:o + 2].contiguous().view(torch.float16).reshape(n, -1)      # (n, nb)
+    if fmt == "q8_0":
+        return dequantize_q8_0(b[..., 2:].contiguous().view(torch.int8).reshape(n, -1), half(0))
+    if fmt == "q4_0":
+        return dequantize_q4_0(b[..., 2:].reshape(n, -1), half(0))
+    return dequantize_q4_1(b[..., 4:].reshape(n, -1), half(0), half(2))
+
+
+def block_row_bytes(d: int, fmt: str) -> int:
+    return d // BLOCK * BLOCK_BYTES[fmt]
+
+
+def weight_format(name: str) -> str:
+    """A --weights value -> block format (q8_0 / q4_0 / q4_1); UserError for anything else."""
+    fmt = WEIGHT_ALIASES.get(name, name)
+    if fmt not in FORMATS:
+        raise UserError(f"--weights: unknown format {name!r} (use one of: "
+                        f"{', '.join(list(WEIGHT_ALIASES) + list(FORMATS))})")
+    return fmt
+
+
+# ----------------------------------------------------------------------------- modules
+
+class BlockLinear(nn.Module):
+    """y = x W^T (+ b) with W (out, in) held as blocks (uint8 (out, in/32 * block bytes)).
+
+    forward de-quantizes W per call (prefill, the reference); cpu_decode.py reads `blocks` directly."""
+
+    def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != block_row_bytes(in_features, fmt):
+            raise UserError(f"{fmt} blocks for {in_features} inputs: expected uint8 (rows, "
+                            f"{block_row_bytes(in_features, fmt)}), got {blocks.dtype} {tuple(blocks.shape)}")
+        self.fmt, self.in_features, self.out_features = fmt, in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        """W (out, in) fp32, by the block kernels' own row decoder (tests compare it with `from_blocks`)."""
+        from hybrid_runtime.cpu_ffn import BLOCK_FORMATS, decode_block_rows
+        out = torch.empty(self.out_features, self.in_features)
+        decode_block_rows(self.blocks.numpy(), BLOCK_FORMATS[self.fmt], out.numpy())
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized().to(x.dtype), bias)
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, fmt: str, bias: torch.Tensor | None = None) -> "BlockLinear":
+        return cls(to_blocks(w, fmt), fmt, w.shape[1], bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}"
+
+
+class BlockFeedForward(nn.Module):
+    """The dense gated FFN over blocks: y = down (act(gate x) * (up x)), x = norm(h).
+
+    gate, up: (f, d) rows; down: (d, f) rows, the checkpoint's orientation (HF down_proj.weight, GGUF
+    ffn_down), so its blocks run along the neurons."""
+
+    def __init__(self, norm: nn.Module, gate: BlockLinear, up: BlockLinear, down: BlockLinear, activation):
+        super().__init__()
+        self.norm, self.gate, self.up, self.down = norm, gate, up, down
+        self.activation = activation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)                                                   # (B, T, d)
+        return self.down(self.activation(self.gate(x), self.up(x)))       # (B, T, d)
+
+
+def quantize_model_(model, fmt: str) -> None:
+    """In place: every matrix of the dense engine (fused qkv, wo, each FFN's gate/up/down, lm_head) becomes
+    `fmt` blocks; embeddings (a lookup of one row a token) and norms stay float. CPU, dense FFN only."""
+    from hybrid_runtime.model import FeedForward
+    model.config.require_dense_ffn("quantized weights (--weights)")
+    for layer in model.layers:
+        a = layer.attn
+        a.wqkv = BlockLinear.quantize(a.wqkv.weight, fmt, a.wqkv.bias)
+        a.wo = BlockLinear.quantize(a.wo.weight, fmt, a.wo.bias)
+        ffn = layer.ffn
+        if type(ffn) is not FeedForward:
+            raise UserError(f"quantized weights need the dense FFN, not {type(ffn).__name__}")
+        layer.ffn = BlockFeedForward(ffn.norm, BlockLinear.quantize(ffn.gate, fmt), BlockLinear.quantize(ffn.up, fmt),
+                                     BlockLinear.quantize(ffn.down.t(), fmt), ffn.activation)
+    model.output = BlockLinear.quantize(model.output.weight, fmt)
+
+
+def block_formats(model) -> set[str]:
+    """The block formats of the model's matrices (empty for a float model)."""
+    return {m.fmt for m in model.modules() if isinstance(m, BlockLinear)}

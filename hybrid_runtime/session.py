@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 from hybrid_runtime.errors import UserError, log
 from hybrid_runtime.generate import Generator
+from hybrid_runtime.gguf_reader import quantized_types
 from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, resolve_model
+from hybrid_runtime.quant import block_formats, quantize_model_, weight_format
 from hybrid_runtime.model import ModelConfig
 from hybrid_runtime.model_dir import ModelDir, open_model_dir
 
@@ -96,10 +98,11 @@ def cold_neuron_bytes(cfg: ModelConfig, cold_format: str | None) -> int:
     return 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2
 
 
-def check_fits_ram(md: ModelDir, run_dtype: torch.dtype, context: int, hybrid: bool, cold_format: str) -> None:
+def check_fits_ram(md: ModelDir, run_dtype: torch.dtype, context: int, hybrid: bool, cold_format: str,
+                   file_blocks: bool = False) -> None:
     """UserError, before loading, when a CPU run needs more RAM than is available: the weights in their run
-    format (a hybrid's FFN rows as cold rows: 2 bytes, int8 ~1; every expert of an MoE layer), the
-    predictors and the KV cache."""
+    format (a hybrid's FFN rows as cold rows: 2 bytes, int8 ~1; every expert of an MoE layer; a GGUF file's
+    kept blocks: the file, plus float32 embeddings), the predictors and the KV cache."""
     from hybrid_runtime.placement import ModelShape
     cfg = md.config
     wb = torch.finfo(run_dtype).bits // 8
@@ -110,6 +113,8 @@ def check_fits_ram(md: ModelDir, run_dtype: torch.dtype, context: int, hybrid: b
     pred = md.hybrid.predictors_file.stat().st_size if hybrid and md.hybrid.predictors_file else 0
     kv = shape.kv_cache_bytes(context)
     need = emb + shape.attention_bytes() + neurons * neuron_bytes + pred + kv
+    if file_blocks:
+        need = md.path.stat().st_size + cfg.vocab_size * cfg.dim * 4 + kv
     avail = available_ram()
     if avail is not None and need > avail:
         gib = 1024 ** 3
@@ -122,7 +127,7 @@ def check_fits_ram(md: ModelDir, run_dtype: torch.dtype, context: int, hybrid: b
 def open_model(name: str | None, device: str | None = None, dtype: str | None = None,
                threads: int | None = None, context: int | None = None, mode: str | None = None,
                gpu_memory: str | None = None, hot_fraction: float | None = None,
-               cold_format: str | None = None, cuda_graph: bool = True) -> LoadedModel:
+               cold_format: str | None = None, cuda_graph: bool = True, weights: str = "auto") -> LoadedModel:
     """Open a plain HF checkpoint (dense) or a hybrid model directory (predictor/exact/dense)."""
     from hybrid_runtime.placement import parse_size
     # every flag is checked before the model is read
@@ -135,6 +140,7 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if gpu_memory is not None:
         parse_size(gpu_memory)
     run_dtype = parse_dtype(dtype)
+    block_fmt = None if weights in ("auto", "float") else weight_format(weights)
     dev = pick_device(device)
     set_threads(threads)
     md = open_model_dir(resolve_model(name) if name else default_model_dir())
@@ -145,6 +151,23 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
             f"({cfg.max_seq_len}); quality may degrade")
     if mode in ("predictor", "exact"):
         cfg.require_dense_ffn(f"--{mode}")
+    keep_blocks = (weights == "auto" and md.gguf is not None and dev.type == "cpu" and mode in (None, "dense")
+                   and bool(quantized_types(md.gguf)))
+    if block_fmt is not None or keep_blocks:
+        if dev.type != "cpu":
+            raise UserError("--weights: block-quantized weights run on --device cpu only (no GPU block kernels yet)")
+        if mode not in (None, "dense") or md.is_hybrid:
+            raise UserError("--weights: block-quantized weights run the dense FFN only (not --exact / --predictor "
+                            "or a hybrid model directory)")
+        cfg.require_dense_ffn("--weights (block-quantized weights)")
+        odd = {n: v for n, v in (("hidden_size", cfg.dim), ("intermediate_size", cfg.ffn_dim),
+                                 ("attention width", cfg.n_heads * cfg.head_dim)) if v % 32}
+        if block_fmt is not None and odd:
+            raise UserError(f"--weights {weights}: blocks hold 32 weights, and this model's "
+                            f"{', '.join(f'{n} {v}' for n, v in odd.items())} is not a multiple of 32")
+        if run_dtype not in (None, torch.float32):
+            log("note: --dtype applies to float weights; with block-quantized matrices the embeddings, norms "
+                "and activations are float32")
     if mode in ("predictor", "exact") and not md.is_hybrid:
         raise UserError(f"{path}: --{mode} needs a hybrid model directory (hybrid.json); make one with "
                         "`hybrid-convert all`, or run this checkpoint with --dense")
@@ -154,15 +177,24 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
         from hybrid_runtime.loading import cpu_run_dtype
         hybrid = mode != "dense"
         ram_dtype = run_dtype or (cpu_run_dtype(md.dtype) if not hybrid else torch.float32)
-        check_fits_ram(md, ram_dtype, ctx, hybrid, cold_format or _default_cold_format(md))
+        check_fits_ram(md, ram_dtype, ctx, hybrid, cold_format or _default_cold_format(md), file_blocks=keep_blocks)
     tokenizer = load_tokenizer(path)
     placement = None
     if mode == "dense":
         if gpu_memory or hot_fraction is not None:
             log("note: --gpu-memory / --hot-fraction apply to the hybrid modes; --dense loads the whole model "
                 f"on {dev}")
-        model = load_model(md, device=dev, dtype=run_dtype)
+        if keep_blocks:
+            from hybrid_runtime.loading import load_block_model
+            model = load_block_model(md)
+        else:
+            model = load_model(md, device=dev, dtype=torch.float32 if block_fmt and run_dtype is None else run_dtype)
+            if block_fmt is not None:
+                quantize_model_(model, block_fmt)
         dtypes = f"dtype: {_dtype_name(model.tok_embeddings.weight.dtype)} on {dev.type}"
+        if block_fmt is not None or keep_blocks:
+            dtypes += (f"; matrices as {'/'.join(sorted(block_formats(model)))} blocks"
+                       f"{' (as in the GGUF file)' if keep_blocks else ''}, embeddings and norms float")
     else:
         from hybrid_runtime.hybrid import build_hybrid_model
         if run_dtype is None:

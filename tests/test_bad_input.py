@@ -133,6 +133,10 @@ def inputs(tmp_path_factory):
     (bad / "garbage.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
     (bad / "empty.gguf").write_bytes(b"")
     p["gguf_garbage"], p["gguf_empty"] = bad / "garbage.gguf", bad / "empty.gguf"
+    from bench.gguf_export import export_gguf
+    whole = export_gguf(relu, bad / "whole.gguf", dtype="f32").read_bytes()
+    (bad / "truncated.gguf").write_bytes(whole[: len(whole) * 2 // 3])
+    p["gguf_truncated"] = bad / "truncated.gguf"
     for name, index in (("w_index_outside", {"weight_map": {"x": "../../relu/model.safetensors"}}),
                         ("w_index_abs", {"weight_map": {"x": str(relu / "model.safetensors")}}),
                         ("w_index_bad", {"weights": []}), ("w_index_missing", {"weight_map": {"x": "m-2.safetensors"}})):
@@ -244,6 +248,11 @@ CASES: list[tuple[str, list[str], str]] = [
     (RUN, GEN + ["--model", "{gguf_garbage}"], "not a readable GGUF file"),
     (RUN, GEN + ["--model", "{gguf_empty}"], "not a readable GGUF file"),
     (RUN, ["info", "--model", "{gguf_garbage}"], "not a readable GGUF file"),
+    (RUN, GEN + ["--model", "{gguf_truncated}"], "not a readable GGUF file"),
+    (RUN, GEN + ["--model", "{relu}", "--weights", "q3_k"], "unknown format 'q3_k'"),
+    (RUN, GEN + ["--model", "{relu}", "--weights", "int4"], "not a multiple of 32"),
+    (RUN, GEN + ["--model", "{hyb}", "--weights", "q8_0"], "dense FFN only"),
+    (RUN, GEN + ["--model", "{relu}", "--weights", "q4_0", "--exact"], "dense FFN only"),
     (RUN, GEN + ["--model", "{w_index_outside}"], "outside the model directory"),
     (RUN, GEN + ["--model", "{w_index_abs}"], "outside the model directory"),
     (RUN, GEN + ["--model", "{w_index_bad}"], "malformed shard index"),

@@ -75,7 +75,7 @@ def test_cett_pipeline_and_modes_on_the_real_model(smollm2, tmp_path):
 def test_the_gguf_file_loads_directly_and_equals_transformers(smollm2):
     """`--model FILE.gguf`: the package's Q4_1 GGUF read with the gguf package (de-quantized, q/k rows put
     back in HF order) gives exactly the weights transformers reads from it, the same tokenizer and chat
-    template, and transformers' greedy tokens."""
+    template, and transformers' greedy tokens, with its blocks kept (block kernels) and de-quantized."""
     from bench.real_model import smollm2_gguf
     from hybrid_runtime.generate import SamplingParams
     from hybrid_runtime.loading import load_model, load_tokenizer
@@ -91,10 +91,13 @@ def test_the_gguf_file_loads_directly_and_equals_transformers(smollm2):
                                                         return_dict=False)
     assert ids == load_tokenizer(smollm2).apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
                                                                return_dict=False)
-    lm = open_model(str(gguf_path), device="cpu", dtype="float32", context=96)
-    ours = lm.generator().generate(ids, SamplingParams(max_new_tokens=12)).tokens
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
     with torch.no_grad():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
-    assert ours == ref[:len(ours)] and len(ours) >= min(len(ref), 4)
+    # the file's Q4_1 / Q8_0 blocks kept and read by the block kernels (the default), and de-quantized
+    for weights in ("auto", "float"):
+        lm = open_model(str(gguf_path), device="cpu", context=96, weights=weights)
+        assert ("q4_1/q8_0 blocks (as in the GGUF file)" in lm.dtypes) == (weights == "auto"), lm.dtypes
+        ours = lm.generator().generate(ids, SamplingParams(max_new_tokens=12)).tokens
+        assert ours == ref[:len(ours)] and len(ours) >= min(len(ref), 4), weights
