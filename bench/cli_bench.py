@@ -39,13 +39,15 @@ from bench.synthetic import SPARSITY_PROFILES
               help="Where the synthetic model and its hybrid directory are built (reused when settings match).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
-@click.option("--cold-format", type=click.Choice(["auto", "bf16", "fp16", "int8"]), default="auto",
-              show_default=True, help="Storage of the hybrid's cold rows on the CPU.")
+@click.option("--cold-format", type=click.Choice(["auto", "bf16", "fp16", "int8", "q8_0", "q4_0", "q4_1"]),
+              default="auto", show_default=True,
+              help="Storage of the hybrid's cold rows on the CPU (auto: the checkpoint's 16-bit type, or --cpu-format's "
+                   "blocks on the CPU).")
 @click.option("--cpu-format", type=click.Choice(["bf16", "f32", "q8_0", "q4_0", "q4_1"]), default="bf16",
               show_default=True,
               help="Weights of the CPU systems: this engine in bfloat16 or float32, llama.cpp from an F16 or F32 GGUF; "
-                   "or llama.cpp blocks (q8_0/q4_0/q4_1) for this engine's dense system and llama.cpp, from the same "
-                   "blocks (the hybrid's cold rows stay --cold-format).")
+                   "or llama.cpp blocks (q8_0/q4_0/q4_1): this engine's matrices as blocks (a CPU hybrid's attention, "
+                   "lm_head and, unless --cold-format says otherwise, cold rows), llama.cpp from a GGUF of the same blocks.")
 @click.option("--profile-tokens-pipeline", "pipe_tokens", type=int, default=None,
               help="Synthetic model: tokens to profile (default per shape).")
 @click.option("--predictor-rank", type=int, default=None, help="Synthetic model: predictor rank (default 2 x latent).")

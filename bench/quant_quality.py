@@ -3,8 +3,10 @@
 Each setting quantizes a set of weight matrices to llama.cpp's block format and back
 (`hybrid_runtime.quant.fake_quantize`: the values a kernel reading those blocks computes with), then runs
 the engine in fp32 over the same held-out blocks. Settings: the FFN only (what cold rows would hold), every
-linear layer of the blocks (attention + FFN), and every matrix (+ embeddings / lm_head). Writes
-`<out>/<device>-<date>-quant-quality.{json,md}`.
+linear layer of the blocks (attention + FFN), and every matrix (+ embeddings / lm_head). With
+`--decode-tokens N`, also the product's own decode path: perplexity over N held-out tokens decoded one by one
+through the one-call CPU decode, fp32 weights against each format's blocks read by the block kernels (with
+their int8 activations, `quant.quantize_model_`). Writes `<out>/<device>-<date>-quant-quality.{json,md}`.
 
     python -m bench.quant_quality --data corpus/a.txt --data corpus/b.txt   # SmolLM2-135M-Instruct
 """
@@ -39,6 +41,21 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 4) -> float:
     return math.exp(total / n)
 
 
+@torch.inference_mode()
+def decode_perplexity(model, blocks: torch.Tensor) -> float:
+    """Perplexity with every token decoded one at a time by the one-call CPU decode (cpu_decode.py)."""
+    from hybrid_runtime.cpu_decode import CpuDecodeStep
+    model.setup_cache(1, blocks.shape[1])
+    step = CpuDecodeStep(model)
+    total, n = 0.0, 0
+    for x in blocks:
+        for t in range(x.shape[0] - 1):
+            logits = step(x[t].view(1, 1), torch.tensor([t]), t + 1)[0, 0]
+            total -= float(torch.log_softmax(logits, dim=-1)[x[t + 1]])
+            n += 1
+    return math.exp(total / n)
+
+
 def quantized_copy(model, fmt: str, scope: str, down_blocks: str = "neuron") -> dict[str, torch.Tensor]:
     """Fake-quantize the scope's 2-D weights of `model` in place; returns the originals to restore.
     down_blocks: "neuron" blocks the FFN down matrix along d, as the engine stores it (one neuron's row,
@@ -57,13 +74,15 @@ def quantized_copy(model, fmt: str, scope: str, down_blocks: str = "neuron") -> 
 
 def run_quality(model: str | None, data: list[str], eval_tokens: int = 16384, block_len: int = 256,
                 formats: str = "q8_0,q4_0", scopes: str = "ffn,blocks,all", down_blocks: str = "neuron,checkpoint",
-                out: str = str(Path(__file__).resolve().parent / "results"), force: bool = False) -> dict:
+                out: str = str(Path(__file__).resolve().parent / "results"), force: bool = False,
+                decode_tokens: int = 0) -> dict:
     """Every (format, scope, down-block axis) against fp32 on the same held-out blocks; writes and returns
     the results. Every argument is checked before the model is read."""
     from hybrid_runtime.errors import UserError, check_number, check_output_path
     from hybrid_runtime.quant import FORMATS
     check_number("--eval-tokens", eval_tokens, low=2)
     check_number("--block-len", block_len, low=2)
+    check_number("--decode-tokens", decode_tokens, low=0)
     chosen = {}
     for flag, text, known in (("--formats", formats, FORMATS), ("--scopes", scopes, tuple(SCOPES)),
                               ("--down-blocks", down_blocks, ("neuron", "checkpoint"))):
@@ -105,6 +124,24 @@ def run_quality(model: str | None, data: list[str], eval_tokens: int = 16384, bl
                 res["points"].append(point)
                 log(f"{fmt} {scope:6s} down blocks {axis:10s} ({len(saved)} matrices): perplexity {ppl:.3f} "
                     f"({100 * point['vs_float32']:+.2f}%)")
+    decode_rows = []
+    if decode_tokens:
+        from hybrid_runtime.quant import quantize_model_
+        few = blocks[:max(1, decode_tokens // (blocks.shape[1] - 1))]
+        t0 = time.perf_counter()
+        ref = decode_perplexity(model_, few)
+        res["decode"] = {"tokens": int(few.shape[0] * (few.shape[1] - 1)), "float32": ref, "points": []}
+        log(f"decode path, float32: perplexity {ref:.3f} ({time.perf_counter() - t0:.0f} s)")
+        decode_rows = ["", f"Through the one-call CPU decode ({res['decode']['tokens']} tokens decoded one by one; "
+                       "every matrix in blocks, the block kernels' int8 activations):", "",
+                       "| weights | held-out ppl | vs fp32 |", "|---|---|---|", f"| fp32 | {ref:.3f} | - |"]
+        for fmt in chosen["--formats"]:
+            qmodel = load_model(path, dtype=torch.float32)
+            quantize_model_(qmodel, fmt)
+            ppl = decode_perplexity(qmodel, few)
+            res["decode"]["points"].append({"format": fmt, "perplexity": ppl, "vs_float32": ppl / ref - 1})
+            decode_rows.append(f"| {fmt} | {ppl:.3f} | {100 * (ppl / ref - 1):+.2f}% |")
+            log(f"decode path, {fmt}: perplexity {ppl:.3f} ({100 * (ppl / ref - 1):+.2f}%)")
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     rows = ["| format | scope | down blocked along | matrices | held-out ppl | vs fp32 |", "|---|---|---|---|---|---|",
@@ -112,8 +149,8 @@ def run_quality(model: str | None, data: list[str], eval_tokens: int = 16384, bl
     rows += [f"| {p['format']} | {p['scope']} | {'d (neuron rows)' if p['down_blocks'] == 'neuron' else 'f (checkpoint)'} | "
              f"{p['matrices']} | {p['perplexity']:.3f} | {100 * p['vs_float32']:+.2f}% |" for p in res["points"]]
     stem.with_suffix(".md").write_text(f"# Quantized weights, quality: {path.name}, {res['tokens']} held-out tokens\n\n"
-                                       + "\n".join(rows) + "\n")
-    print("\n".join(rows))
+                                       + "\n".join(rows + decode_rows) + "\n")
+    print("\n".join(rows + decode_rows))
     return res
 
 
@@ -133,9 +170,11 @@ def main() -> None:
                   help="Axis of the FFN down matrix's blocks: neuron (along d, the engine's layout), checkpoint "
                        "(along f, HF's and GGUF's), or both.")
     @click.option("--out", default=str(Path(__file__).resolve().parent / "results"), show_default=True)
+    @click.option("--decode-tokens", type=int, default=0, show_default=True,
+                  help="Also measure perplexity through the CPU decode path (block kernels) over this many tokens.")
     @click.option("--force", is_flag=True, help="Replace today's result files.")
-    def quality(model, data, eval_tokens, block_len, formats, scopes, down_blocks, out, force):
-        run_quality(model, list(data), eval_tokens, block_len, formats, scopes, down_blocks, out, force)
+    def quality(model, data, eval_tokens, block_len, formats, scopes, down_blocks, out, force, decode_tokens):
+        run_quality(model, list(data), eval_tokens, block_len, formats, scopes, down_blocks, out, force, decode_tokens)
 
     console_main(quality)
 

@@ -351,7 +351,7 @@ def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple], gpu: bool) -> Limit:
     elem = model.tok_embeddings.weight.element_size()
     gpu_bw = bw["gpu_copy_GBps"] * 1e9 if gpu else None
     cpu_bw = bw["cpu_read_GBps"] * 1e9
-    fixed = (model.output.weight.numel() + model.norm.weight.numel()) * elem
+    fixed = param_bytes(model.output) + param_bytes(model.norm)      # lm_head: float or blocks
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     gpu_bytes, cpu_bytes, secs = fixed + kv, 0.0, 0.0
     for c, layer in zip(counts or [(0.0, 0.0)] * cfg.n_layers, model.layers):
@@ -416,9 +416,10 @@ def _selection_counts(ctx: Ctx, lm) -> list[tuple]:
 def build_hybrid(ctx: Ctx, budget: int | None = None, full_gpu: bool = False, device: str = "cuda",
                  mode: str = "predictor"):
     cold_format = None if ctx.opts.cold_format == "auto" else ctx.opts.cold_format
-    if device == "cpu" and ctx.opts.cpu_format in BLOCK_CPU_FORMATS:
-        raise _Skip(f"--cpu-format {ctx.opts.cpu_format}: the cold-row kernels read no blocks yet (dense only)")
-    if device == "cpu":
+    if device == "cpu" and ctx.opts.cpu_format in BLOCK_CPU_FORMATS:   # attention, lm_head and cold rows as blocks
+        fmt = ctx.opts.cpu_format
+        lm = _open(ctx, ctx.hybrid_dir, "cpu", mode=mode, cold_format=cold_format or fmt, weights=fmt)
+    elif device == "cpu":
         lm = _open(ctx, ctx.hybrid_dir, "cpu", mode=mode, cold_format=cold_format, dtype=cpu_format_dtype(ctx))
     elif full_gpu:
         lm = _open(ctx, ctx.hybrid_dir, "cuda", mode="predictor", hot_fraction=1.0, cold_format=cold_format)

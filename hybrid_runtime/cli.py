@@ -51,12 +51,13 @@ def model_options(f):
     @click.option("--hot-fraction", type=float, default=None,
                   help="Put this fraction of each layer's FFN neurons (the most frequent) on the device, "
                        "overriding the placement solver.")
-    @click.option("--cold-format", type=click.Choice(["bf16", "fp16", "int8"]), default=None,
-                  help="CPU storage of cold neurons (default: the checkpoint's 16-bit type).")
+    @click.option("--cold-format", type=click.Choice(["bf16", "fp16", "int8", "q8_0", "q4_0", "q4_1"]), default=None,
+                  help="CPU storage of cold neurons (default: the checkpoint's 16-bit type, or --weights' blocks); "
+                       "the q formats are llama.cpp blocks, on --device cpu.")
     @click.option("--weights", default="auto", show_default=True,
-                  help="Dense on the CPU: matrices as llama.cpp blocks, q8_0 (int8), q4_1 (int4) or q4_0, read by "
-                       "block kernels (less RAM); float de-quantizes a GGUF file; auto keeps a GGUF file's blocks "
-                       "and a float checkpoint's floats.")
+                  help="On the CPU: matrices as llama.cpp blocks, q8_0 (int8), q4_1 (int4) or q4_0, read by block "
+                       "kernels (less RAM; a hybrid model's attention and lm_head, its cold rows by default); float "
+                       "de-quantizes a GGUF file; auto keeps a GGUF file's blocks and a float checkpoint's floats.")
     @click.option("--debug", is_flag=True, hidden=True)
     @functools.wraps(f)
     def wrapper(*args, **kwargs):

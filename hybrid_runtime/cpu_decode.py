@@ -50,9 +50,9 @@ from numba import njit, prange, types
 from numba.core.extending import intrinsic, overload
 from numba.typed import List
 
-from hybrid_runtime.cpu_ffn import (BLOCK_FORMATS, FMT_BF16, FMT_F32, _axpy_row, _axpy_row4, _block_dot_row_acc, _combine, _dot_row,
-                                    _dot_row4,
-                                    _first_call, _gate_act, _prefetch_rows, _ready, _w, cold_ffn_decode_kernel)
+from hybrid_runtime.cpu_ffn import (BLOCK_FORMATS, FMT_BF16, FMT_F32, _axpy_row, _axpy_row4, _block_dot_row_q,
+                                    _combine, _dot_row, _dot_row4, _first_call, _gate_act, _prefetch_rows, _ready, _w,
+                                    block_cold_ffn_decode_kernel, cold_ffn_decode_kernel, quantize_x)
 from hybrid_runtime.errors import log
 
 FFN_DENSE, FFN_EXACT, FFN_PREDICTED, FFN_MOE = 0, 1, 2, 3
@@ -116,29 +116,35 @@ def _matvec(w, fmt, x, out):
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _block_matvec(w, fmt, x, out):
-    """out[r] = w[r] . x for every block row r of w (n, row bytes): tasks of 16 rows, each with its own
-    32-lane accumulator; the next rows prefetched while one streams."""
+def _block_matvec(w, fmt, x, out, xq, dx, xs):
+    """out[r] = w[r] . x for every block row r of w (n, row bytes), as llama.cpp computes it: x quantized
+    to int8 per block of 32 once (`quantize_x` into the workspaces xq (>= d,) int8, dx, xs (>= d/32,)
+    fp32), then integer block dot products (`_block_dot_row_q`) in tasks of 16 rows, the next rows
+    prefetched while one streams."""
+    d = x.shape[0]
+    nb = d // 32
+    xq, dx, xs = xq[:d], dx[:nb], xs[:nb]
+    quantize_x(x, xq, dx, xs)
     n = w.shape[0]
     n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for t in prange(n_tasks):
-        acc = np.empty(32, np.float32)
         r0 = t * _ROWS_PER_TASK
         for r in range(r0, min(r0 + _ROWS_PER_TASK, n)):
             _prefetch_rows(w, r + 1, r + 3)
-            out[r] = _block_dot_row_acc(w[r], fmt, x, acc)
+            out[r] = _block_dot_row_q(w[r], fmt, xq, dx, xs)
 
 
-def _mv(w, fmt, x, out):
-    """out = w x: `_matvec` for element rows, `_block_matvec` for block rows (compiled per dtype)."""
+def _mv(w, fmt, x, out, xq, dx, xs):
+    """out = w x: `_matvec` for element rows, `_block_matvec` for block rows (compiled per dtype; xq, dx,
+    xs are the block path's workspaces)."""
     raise NotImplementedError("only callable from Numba-compiled code")
 
 
 @overload(_mv)
-def _mv_typed(w, fmt, x, out):
+def _mv_typed(w, fmt, x, out, xq, dx, xs):
     if w.dtype == types.uint8:
-        return lambda w, fmt, x, out: _block_matvec(w, fmt, x, out)
-    return lambda w, fmt, x, out: _matvec(w, fmt, x, out)
+        return lambda w, fmt, x, out, xq, dx, xs: _block_matvec(w, fmt, x, out, xq, dx, xs)
+    return lambda w, fmt, x, out, xq, dx, xs: _matvec(w, fmt, x, out)
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -298,20 +304,20 @@ def _route(router, x, top_k, p, chosen):
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _block_dense_ffn(gate, up, down, fmt_gate, fmt_up, fmt_down, x, act, threshold, a, u, y):
+def _block_dense_ffn(gate, up, down, fmt_gate, fmt_up, fmt_down, x, act, threshold, a, u, y, xq, dx, xs):
     """The dense FFN over block rows: a = act(gate x) * (up x); y = down a with down (d, f) in the
-    checkpoint's orientation (its blocks run along the neurons). a, u (f,) are workspaces."""
-    _block_matvec(gate, fmt_gate, x, a)
-    _block_matvec(up, fmt_up, x, u)
+    checkpoint's orientation (its blocks run along the neurons). a, u (f,) and xq, dx, xs are workspaces."""
+    _block_matvec(gate, fmt_gate, x, a, xq, dx, xs)
+    _block_matvec(up, fmt_up, x, u, xq, dx, xs)
     for i in range(a.shape[0]):
         a[i] = _combine(_gate_act(a[i], act, threshold), u[i], act, threshold)
-    _block_matvec(down, fmt_down, a, y)
+    _block_matvec(down, fmt_down, a, y, xq, dx, xs)
 
 
 def _layer_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
                pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
                ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-               router_p, chosen, branch):
+               router_p, chosen, xq, dx, xs, branch):
     """branch = the FFN of layer `layer` on xn (= norm(h)), by its mode. Compiled per weight dtype: element
     rows (float32, bf16, the cold formats) have every mode; block rows (quant.py) the dense FFN only."""
     raise NotImplementedError("only callable from Numba-compiled code")
@@ -321,21 +327,32 @@ def _layer_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, d
 def _layer_ffn_typed(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
                      pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
                      ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                     router_p, chosen, branch):
+                     router_p, chosen, xq, dx, xs, branch):
     if gate.dtype.dtype == types.uint8:
         def block_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
                       pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
                       ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                      router_p, chosen, branch):
-            _block_dense_ffn(gate[layer], up[layer], down[layer], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4],
-                             xn, act[layer], act_threshold[layer], ffn_a, pred_logits, branch)
-            # (pred_logits, (f,) and unused by a dense layer, holds the up products)
+                      router_p, chosen, xq, dx, xs, branch):
+            if mode == FFN_DENSE:
+                _block_dense_ffn(gate[layer], up[layer], down[layer], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4],
+                                 xn, act[layer], act_threshold[layer], ffn_a, pred_logits, branch, xq, dx, xs)
+                # (pred_logits, (f,) and unused by a dense layer, holds the up products)
+                return
+            if mode == FFN_PREDICTED:
+                n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
+                             pred_threshold[layer], h if pred_reads_residual else xn,
+                             pred_z[:pred_w1[layer].shape[0]], pred_logits, rows)
+                active = rows[:n]
+            else:
+                active = all_rows[:gate[layer].shape[0]]
+            block_cold_ffn_decode_kernel(gate[layer], up[layer], down[layer], fmts[layer, 2], xn, active, act[layer],
+                                         act_threshold[layer], partial, sparse_work, sparse_idx, xq, dx, xs, branch)
         return block_ffn
 
     def element_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
                     pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
                     ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                    router_p, chosen, branch):
+                    router_p, chosen, xq, dx, xs, branch):
         ffn_fmt = fmts[layer, 2]
         d = xn.shape[0]
         if mode == FFN_DENSE:
@@ -379,7 +396,7 @@ def decode_token_kernel(
         router, top_k,
         final_norm, out_w, logit_scale,
         h, xn, qkv, scores, att, branch, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work,
-        sparse_idx, expert_out, router_p, chosen, logits):
+        sparse_idx, expert_out, router_p, chosen, xq, dx, xs, logits):
     """One token through every layer into `logits` (V,). Per-layer arguments are typed Lists (one
     entry per layer) or arrays indexed by layer; gate/up/down hold one entry per layer, or per (layer,
     expert) at layer * n_experts + e for an MoE model; fmts (L, 5) is the storage format of each layer's
@@ -394,7 +411,7 @@ def decode_token_kernel(
     for layer in range(len(wqkv)):
         # ---- attention
         _rms_norm(h, attn_norm[layer], eps, xn)
-        _mv(wqkv[layer], fmts[layer, 0], xn, qkv)
+        _mv(wqkv[layer], fmts[layer, 0], xn, qkv, xq, dx, xs)
         b = bqkv[layer]
         for i in range(b.shape[0]):
             qkv[i] += b[i]
@@ -409,7 +426,7 @@ def decode_token_kernel(
                 _put(krow, j, qkv[n_heads * head_dim + kvh * head_dim + j])
                 _put(vrow, j, qkv[q_kv + kvh * head_dim + j])
         _attention(qkv, n_heads, n_kv_heads, head_dim, kc, vc, cache_fmt, start, kv_len, scores, att)
-        _mv(wo[layer], fmts[layer, 1], att, branch)
+        _mv(wo[layer], fmts[layer, 1], att, branch, xq, dx, xs)
         b = bo[layer]
         for i in range(b.shape[0]):
             branch[i] += b[i]
@@ -420,13 +437,13 @@ def decode_token_kernel(
         _layer_ffn(layer, ffn_mode[layer], fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act,
                    act_threshold, pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router,
                    top_k, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                   router_p, chosen, branch)
+                   router_p, chosen, xq, dx, xs, branch)
         for j in range(d):
             h[j] += residual_scale * branch[j]
     _rms_norm(h, final_norm, eps, xn)
     for j in range(d):
         xn[j] *= logit_scale
-    _mv(out_w, out_fmt, xn, logits)
+    _mv(out_w, out_fmt, xn, logits, xq, dx, xs)
 
 
 # ----------------------------------------------------------------------------- the step object
@@ -616,6 +633,7 @@ class CpuDecodeStep:
         per token; again only when the thread count changes (the per-thread partial sums and row lists)."""
         cfg, (q_rows, S, f_max, r_max) = self.config, self._sizes
         d = cfg.dim
+        x_max = max(d, f_max, cfg.n_heads * cfg.head_dim)   # the longest vector a block matrix multiplies
         self._n_threads = n_threads
         self._work = (
             np.zeros(d, np.float32), np.zeros(d, np.float32), np.zeros(q_rows, np.float32),        # h, xn, qkv
@@ -626,6 +644,7 @@ class CpuDecodeStep:
             np.zeros((n_threads, 2, f_max), np.float32), np.zeros((n_threads, f_max), np.int64),      # sparse
             np.zeros(d, np.float32), np.zeros(max(cfg.n_experts, 1), np.float32),                    # experts
             np.zeros(max(cfg.experts_per_token, 1), np.int64),
+            np.zeros(x_max, np.int8), np.zeros(x_max // 32, np.float32), np.zeros(x_max // 32, np.float32),  # x as int8
             np.zeros(cfg.vocab_size, np.float32),                                                      # logits
         )
         self.logits = torch.from_numpy(self._work[-1]).view(1, 1, cfg.vocab_size)

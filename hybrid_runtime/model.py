@@ -432,7 +432,9 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         self.max_seq_len = max_seq_len
         for layer in self.layers:
-            w = layer.attn_norm.weight   # the layer's activation dtype and device (its matrices may be blocks)
+            w = getattr(layer.attn.wqkv, "weight", None)
+            if w is None:                 # block-quantized matrices (quant.BlockLinear): the norm's dtype is the run's
+                w = layer.attn_norm.weight
             layer.attn.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim,
                                           w.dtype, w.device)
         inv_freq = rope_inv_freq(cfg).to(device)

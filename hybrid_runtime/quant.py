@@ -149,16 +149,16 @@ def to_blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def from_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
     """(n, row bytes) uint8 blocks -> (n, d) float32: the reference every block kernel is checked against."""
-    n = blocks.shape[0]
-    b = blocks.reshape(n, -1, BLOCK_BYTES[fmt])                                      # (n, nb, bytes)
+    n, nb = blocks.shape[0], blocks.shape[1] // BLOCK_BYTES[fmt]
+    b = blocks.reshape(n, nb, BLOCK_BYTES[fmt])                                      # (n, nb, bytes)
 
     def half(o: int) -> torch.Tensor:
-        return b[..., o:o + 2].contiguous().view(torch.float16).reshape(n, -1)      # (n, nb)
+        return b[..., o:o + 2].contiguous().view(torch.float16).reshape(n, nb)      # (n, nb)
     if fmt == "q8_0":
-        return dequantize_q8_0(b[..., 2:].contiguous().view(torch.int8).reshape(n, -1), half(0))
+        return dequantize_q8_0(b[..., 2:].contiguous().view(torch.int8).reshape(n, nb * BLOCK), half(0))
     if fmt == "q4_0":
-        return dequantize_q4_0(b[..., 2:].reshape(n, -1), half(0))
-    return dequantize_q4_1(b[..., 4:].reshape(n, -1), half(0), half(2))
+        return dequantize_q4_0(b[..., 2:].reshape(n, nb * BLOCK // 2), half(0))
+    return dequantize_q4_1(b[..., 4:].reshape(n, nb * BLOCK // 2), half(0), half(2))
 
 
 def block_row_bytes(d: int, fmt: str) -> int:
@@ -225,21 +225,29 @@ class BlockFeedForward(nn.Module):
         return self.down(self.activation(self.gate(x), self.up(x)))       # (B, T, d)
 
 
+def quantize_attention_and_head_(model, fmt: str) -> None:
+    """In place: each layer's fused qkv and wo, and the lm_head, become `fmt` blocks (the FFN is left as it is:
+    a hybrid model's cold rows have their own format)."""
+    for layer in model.layers:
+        a = layer.attn
+        a.wqkv = BlockLinear.quantize(a.wqkv.weight.float(), fmt, a.wqkv.bias)
+        a.wo = BlockLinear.quantize(a.wo.weight.float(), fmt, a.wo.bias)
+    model.output = BlockLinear.quantize(model.output.weight.float(), fmt)
+
+
 def quantize_model_(model, fmt: str) -> None:
     """In place: every matrix of the dense engine (fused qkv, wo, each FFN's gate/up/down, lm_head) becomes
     `fmt` blocks; embeddings (a lookup of one row a token) and norms stay float. CPU, dense FFN only."""
     from hybrid_runtime.model import FeedForward
     model.config.require_dense_ffn("quantized weights (--weights)")
+    quantize_attention_and_head_(model, fmt)
     for layer in model.layers:
-        a = layer.attn
-        a.wqkv = BlockLinear.quantize(a.wqkv.weight, fmt, a.wqkv.bias)
-        a.wo = BlockLinear.quantize(a.wo.weight, fmt, a.wo.bias)
         ffn = layer.ffn
         if type(ffn) is not FeedForward:
             raise UserError(f"quantized weights need the dense FFN, not {type(ffn).__name__}")
-        layer.ffn = BlockFeedForward(ffn.norm, BlockLinear.quantize(ffn.gate, fmt), BlockLinear.quantize(ffn.up, fmt),
-                                     BlockLinear.quantize(ffn.down.t(), fmt), ffn.activation)
-    model.output = BlockLinear.quantize(model.output.weight, fmt)
+        layer.ffn = BlockFeedForward(ffn.norm, BlockLinear.quantize(ffn.gate.float(), fmt),
+                                     BlockLinear.quantize(ffn.up.float(), fmt),
+                                     BlockLinear.quantize(ffn.down.t().float(), fmt), ffn.activation)
 
 
 def block_formats(model) -> set[str]:

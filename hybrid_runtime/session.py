@@ -14,7 +14,8 @@ from hybrid_runtime.errors import UserError, log
 from hybrid_runtime.generate import Generator
 from hybrid_runtime.gguf_reader import quantized_types
 from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, resolve_model
-from hybrid_runtime.quant import block_formats, quantize_model_, weight_format
+from hybrid_runtime.quant import (BLOCK_BYTES, block_formats, quantize_attention_and_head_, quantize_model_,
+                                  weight_format)
 from hybrid_runtime.model import ModelConfig
 from hybrid_runtime.model_dir import ModelDir, open_model_dir
 
@@ -94,7 +95,10 @@ def available_ram() -> int | None:
 
 
 def cold_neuron_bytes(cfg: ModelConfig, cold_format: str | None) -> int:
-    """CPU bytes of one cold neuron: gate, up and down rows (16-bit, or int8 with an fp32 scale each)."""
+    """CPU bytes of one cold neuron: gate, up and down rows (16-bit, int8 with an fp32 scale each, or blocks)."""
+    from hybrid_runtime.quant import BLOCK_BYTES, block_row_bytes
+    if cold_format in BLOCK_BYTES:
+        return 3 * block_row_bytes(cfg.dim, cold_format)
     return 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2
 
 
@@ -156,9 +160,6 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if block_fmt is not None or keep_blocks:
         if dev.type != "cpu":
             raise UserError("--weights: block-quantized weights run on --device cpu only (no GPU block kernels yet)")
-        if mode not in (None, "dense") or md.is_hybrid:
-            raise UserError("--weights: block-quantized weights run the dense FFN only (not --exact / --predictor "
-                            "or a hybrid model directory)")
         cfg.require_dense_ffn("--weights (block-quantized weights)")
         odd = {n: v for n, v in (("hidden_size", cfg.dim), ("intermediate_size", cfg.ffn_dim),
                                  ("attention width", cfg.n_heads * cfg.head_dim)) if v % 32}
@@ -200,11 +201,17 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
         if run_dtype is None:
             # the GPU runs the checkpoint's dtype; on the CPU torch's matmuls are fastest in fp32
             run_dtype = md.dtype if dev.type == "cuda" else torch.float32
-        fmt = cold_format or _default_cold_format(md)
-        hot_counts, placement = plan_hot_counts(md, dev, ctx, gpu_memory, hot_fraction, cold_format, run_dtype)
+        fmt = cold_format or block_fmt or _default_cold_format(md)
+        if fmt in BLOCK_BYTES and dev.type != "cpu":
+            raise UserError(f"--cold-format {fmt}: block cold rows are read on the CPU only (no GPU block kernels "
+                            "yet): use --device cpu, or bf16/fp16/int8")
+        hot_counts, placement = plan_hot_counts(md, dev, ctx, gpu_memory, hot_fraction, fmt, run_dtype)
         model = build_hybrid_model(md, hot_counts, dev, dtype=run_dtype, mode=mode, cold_format=fmt)
+        if block_fmt is not None:        # attention and lm_head as blocks too (the cold rows are `fmt`)
+            quantize_attention_and_head_(model, block_fmt)
         dtypes = (f"dtype: {_dtype_name(run_dtype)} on {dev.type} (attention, predictors, hot rows); "
-                  f"cold rows {fmt} on the CPU (stored {_dtype_name(md.dtype)})")
+                  f"cold rows {fmt} on the CPU (stored {_dtype_name(md.dtype)})"
+                  + (f"; attention and lm_head as {block_fmt} blocks" if block_fmt else ""))
     model.setup_cache(max_batch=1, max_seq_len=ctx)
     model_dtype = model.tok_embeddings.weight.dtype
     decode_step = None

@@ -2,6 +2,8 @@
 ggml-quants.c: the same codes and scales byte for byte, and the same dequantized values."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -87,7 +89,7 @@ def test_quality_script_on_a_tiny_model(make_hf_model, tmp_path):
     _, path = make_hf_model(dtype=torch.float32, hidden_act="silu", tie=True)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"word{i % 97} and more text" for i in range(4000)))
-    run_quality(str(path), [str(text)], eval_tokens=512, block_len=64, out=str(tmp_path / "out"))
+    run_quality(str(path), [str(text)], eval_tokens=512, block_len=64, out=str(tmp_path / "out"), decode_tokens=126)
     res = json.loads(next((tmp_path / "out").glob("*-quant-quality.json")).read_text())
     pts = {(p["format"], p["scope"]): p for p in res["points"] if p["down_blocks"] == "neuron"}
     both = {(p["format"], p["scope"], p["down_blocks"]) for p in res["points"]}
@@ -97,6 +99,12 @@ def test_quality_script_on_a_tiny_model(make_hf_model, tmp_path):
     assert pts[("q4_0", "all")]["matrices"] == 2 * 3 + 2 * 2 + 1          # + the tied embedding / lm_head
     assert all(p["perplexity"] > 0 for p in pts.values())
     assert abs(pts[("q8_0", "all")]["vs_float32"]) < abs(pts[("q4_0", "all")]["vs_float32"])
+    # the decode path: the one-call decode over 2 blocks of 63 predicted tokens, fp32 and each block format
+    dec = res["decode"]
+    assert dec["tokens"] == 126 and [p["format"] for p in dec["points"]] == ["q8_0", "q4_0"]
+    assert abs(math.log(dec["float32"]) - math.log(res["reference"]["perplexity"])) < 0.5   # other tokens, same model
+    dq = {p["format"]: p["vs_float32"] for p in dec["points"]}
+    assert abs(dq["q8_0"]) < abs(dq["q4_0"])
 
 
 def test_quality_script_bad_input_is_one_line_and_overwrites_nothing(make_hf_model, tmp_path, monkeypatch, capsys):
