@@ -15,7 +15,7 @@ import torch
 
 from hybrid_runtime import __version__
 from hybrid_runtime.errors import UserError
-from hybrid_runtime.loading import load_model
+from hybrid_runtime.loading import load_model, load_tokenizer
 from hybrid_runtime.model_dir import FORMAT_NAME, FORMAT_VERSION, open_model_dir
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
@@ -86,6 +86,8 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
     if predictors is not None:
         predictors.save(out_dir / "predictors.safetensors")
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    if source_dir.is_file():   # a GGUF file: its tokenizer and chat template, as transformers builds them
+        load_tokenizer(source_dir).save_pretrained(str(out_dir))
     for name in TOKENIZER_FILES:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, out_dir / name)

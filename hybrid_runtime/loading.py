@@ -158,7 +158,8 @@ def load_model(path: str | os.PathLike | ModelDir, device: str | torch.device = 
         kinds = quantized_types(md.gguf)
         if kinds:
             print(f"note: {model_dir.name}: {'/'.join(kinds)} blocks de-quantized to "
-                  f"{str(dtype).replace('torch.', '')} (the block kernels run the dense model on the CPU only)",
+                  f"{str(dtype).replace('torch.', '')} (as asked with --weights float, or where no block kernel runs: "
+                  f"conversion, the GPU)",
                   file=sys.stderr)
     for i in range(cfg.n_layers):  # layer by layer: only one layer's q/k/v exist twice at a time
         fuse_qkv_(state, f"layers.{i}.attn.")

@@ -101,3 +101,26 @@ def test_the_gguf_file_loads_directly_and_equals_transformers(smollm2):
         assert ("q4_1/q8_0 blocks (as in the GGUF file)" in lm.dtypes) == (weights == "auto"), lm.dtypes
         ours = lm.generator().generate(ids, SamplingParams(max_new_tokens=12)).tokens
         assert ours == ref[:len(ours)] and len(ours) >= min(len(ref), 4), weights
+
+
+def test_a_hybrid_directory_packed_from_the_gguf_file_is_self_contained(tmp_path):
+    """`hybrid-convert pack --model FILE.gguf`: the directory carries the file's tokenizer and chat template
+    (a GGUF has no tokenizer files to copy), and runs with its cold rows and attention in Q4_1 blocks."""
+    import numpy as np
+
+    from bench.real_model import smollm2_gguf
+    from hybrid_runtime.generate import SamplingParams
+    from hybrid_runtime.hybrid_format import pack_hybrid_model
+    from hybrid_runtime.loading import load_tokenizer
+    from hybrid_runtime.session import open_model
+    gguf_path = smollm2_gguf()
+    rng = np.random.default_rng(0)
+    activity = {"activity": {"kind": "magnitude", "cett": 0.2, "magnitude_thresholds": [0.01] * 30}}
+    out = pack_hybrid_model(gguf_path, tmp_path / "hyb", [rng.random(1536) for _ in range(30)], calibration=activity)
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    ids = load_tokenizer(out).apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == load_tokenizer(gguf_path).apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False)
+    lm = open_model(str(out), device="cpu", context=64, mode="exact", weights="q4_1")
+    assert "cold rows q4_1" in lm.dtypes and "attention and lm_head as q4_1 blocks" in lm.dtypes
+    assert len(lm.generator().generate(ids, SamplingParams(max_new_tokens=4)).tokens) == 4
