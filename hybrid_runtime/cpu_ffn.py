@@ -382,16 +382,19 @@ def _vector_dot_codegen(signed_codes: bool, nibbles: bool):
             lo = builder.and_(c, ir.Constant(v16, [15] * 16))
             hi = builder.lshr(c, ir.Constant(v16, [4] * 16))
             w = builder.shuffle_vector(lo, hi, ir.Constant(v32i, list(range(32))))
-        else:
+        else:   # int8 codes + 128 as unsigned bytes (xor of the sign bit): u8 x s8, the form vpdpbusd takes
             w = builder.load(builder.bitcast(builder.gep(row.data, [args[1]]), v32.as_pointer()), align=1)
-        wide = builder.sext(w, v32i) if signed_codes else builder.zext(w, v32i)
-        prod = builder.mul(wide, builder.sext(x, v32i))
+            w = builder.xor(w, ir.Constant(v32, [0x80] * 32))
+        xw = builder.sext(x, v32i)
         name = "llvm.vector.reduce.add.v32i32"
         try:
             fn = builder.module.get_global(name)
         except KeyError:
             fn = ir.Function(builder.module, ir.FunctionType(i32, [v32i]), name)
-        return builder.sext(builder.call(fn, [prod]), ir.IntType(64))
+        total = builder.call(fn, [builder.mul(builder.zext(w, v32i), xw)])
+        if signed_codes:                                   # back to q * x: minus 128 * sum(x), in integers
+            total = builder.sub(total, builder.shl(builder.call(fn, [xw]), ir.Constant(i32, 7)))
+        return builder.sext(total, ir.IntType(64))
     return codegen
 
 
@@ -410,7 +413,8 @@ def _q4_isum(typingctx, row, o, xq, j0):
 
 @intrinsic
 def _q8_isum(typingctx, row, o, xq, j0):
-    """sum_k q_k * xq[j0 + k] over one Q8_0 block: 32 int8 codes at row[o:o + 32], int8 xq."""
+    """sum_k q_k * xq[j0 + k] over one Q8_0 block: 32 int8 codes q at row[o:o + 32], int8 xq; computed as
+    sum (q_k + 128) xq_k - 128 sum xq_k, since unsigned x signed bytes is what VNNI multiplies in one instruction."""
     if not _check_isum_args(row, o, xq, j0):
         return None
     return types.int64(row, o, xq, j0), _vector_dot_codegen(signed_codes=True, nibbles=False)

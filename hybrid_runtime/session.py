@@ -189,9 +189,10 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
             from hybrid_runtime.loading import load_block_model
             model = load_block_model(md)
         else:
-            model = load_model(md, device=dev, dtype=torch.float32 if block_fmt and run_dtype is None else run_dtype)
+            model = load_model(md, device=dev, dtype=run_dtype)   # the checkpoint's dtype (as the RAM check assumed)
             if block_fmt is not None:
-                quantize_model_(model, block_fmt)
+                quantize_model_(model, block_fmt)     # a matrix at a time in fp32
+                model.float()                         # what is left (embeddings, norms, biases): float32
         dtypes = f"dtype: {_dtype_name(model.tok_embeddings.weight.dtype)} on {dev.type}"
         if block_fmt is not None or keep_blocks:
             dtypes += (f"; matrices as {'/'.join(sorted(block_formats(model)))} blocks"
