@@ -275,8 +275,13 @@ def _dense_limit(ctx: Ctx, model, where: str) -> Limit:
     # one embedding row is read; a tied lm_head is the same tensor, read whole (a block lm_head is its own
     # tensor: the float embeddings are then one row); an MoE layer reads top-k experts
     emb_is_head = cfg.tie_embeddings and getattr(model.output, "weight", None) is model.tok_embeddings.weight
+    experts = getattr(model.layers[0].ffn, "experts", None)
+    expert_elem = elem                        # bytes a weight of the experts' matrices (blocks: scale included)
+    if experts is not None and hasattr(experts[0].gate, "fmt"):
+        from hybrid_runtime.quant import BLOCK, BLOCK_BYTES
+        expert_elem = BLOCK_BYTES[experts[0].gate.fmt] / BLOCK
     weights = param_bytes(model) - (0 if emb_is_head else model.tok_embeddings.weight.numel() * elem) \
-        - unrouted_expert_bytes(cfg, elem)
+        - unrouted_expert_bytes(cfg, expert_elem)
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     if where == "gpu":
         return sequential_limit(weights + kv, 0, 0, ctx.bw, "weights + KV / GPU bw")

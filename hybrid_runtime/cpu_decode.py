@@ -319,7 +319,8 @@ def _layer_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, d
                ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
                router_p, chosen, xq, dx, xs, branch):
     """branch = the FFN of layer `layer` on xn (= norm(h)), by its mode. Compiled per weight dtype: element
-    rows (float32, bf16, the cold formats) have every mode; block rows (quant.py) the dense FFN only."""
+    rows (float32, bf16, the cold formats) and block rows (quant.py) have every mode; block rows read the dense
+    FFN's and the experts' down matrices in the checkpoint's (d, f) orientation, cold rows neuron-major."""
     raise NotImplementedError("only callable from Numba-compiled code")
 
 
@@ -337,6 +338,19 @@ def _layer_ffn_typed(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_sc
                 _block_dense_ffn(gate[layer], up[layer], down[layer], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4],
                                  xn, act[layer], act_threshold[layer], ffn_a, pred_logits, branch, xq, dx, xs)
                 # (pred_logits, (f,) and unused by a dense layer, holds the up products)
+                return
+            if mode == FFN_MOE:
+                n_experts = router[layer].shape[0]
+                k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
+                branch[:] = 0.0
+                for c in range(k):                               # in expert order
+                    e = chosen[c]
+                    i = layer * n_experts + e
+                    _block_dense_ffn(gate[i], up[i], down[i], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4], xn,
+                                     act[layer], act_threshold[layer], ffn_a, pred_logits, expert_out, xq, dx, xs)
+                    w = router_p[e]
+                    for j in range(xn.shape[0]):
+                        branch[j] += expert_out[j] * w
                 return
             if mode == FFN_PREDICTED:
                 n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
@@ -514,7 +528,8 @@ def unsupported_reason(model) -> str | None:
         elif type(ffn) is FeedForward:
             kinds.add(("FeedForward", ffn.gate.dtype))
         elif type(ffn) is MoEFeedForward:
-            kinds.add(("MoEFeedForward", ffn.experts[0].gate.dtype))
+            gate = ffn.experts[0].gate
+            kinds.add(("MoEFeedForward", getattr(gate, "blocks", gate).dtype))   # float rows or BlockLinear
         elif type(ffn) is BlockFeedForward:
             kinds.add(("BlockFeedForward", torch.uint8))
         else:

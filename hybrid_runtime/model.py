@@ -354,6 +354,11 @@ class Expert(nn.Module):
         self.gate = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d)
         self.up = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))    # (f, d)
         self.down = nn.Parameter(torch.empty(cfg.ffn_dim, cfg.dim))  # (f, d) = w2.T
+        self.activation = cfg.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.activation(F.linear(x, self.gate), F.linear(x, self.up))  # (n, f)
+        return a @ self.down                                               # (n, d)
 
 
 class MoEFeedForward(nn.Module):
@@ -382,9 +387,7 @@ class MoEFeedForward(nn.Module):
         hit = torch.bincount(chosen.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist()
         for e in hit:
             token, slot = torch.where(chosen == e)                               # (n_e,), (n_e,)
-            xe, ex = x[token], self.experts[e]
-            a = self.activation(F.linear(xe, ex.gate), F.linear(xe, ex.up))      # (n_e, f)
-            y.index_add_(0, token, ((a @ ex.down) * weights[token, slot, None]).to(y.dtype))
+            y.index_add_(0, token, (self.experts[e](x[token]) * weights[token, slot, None]).to(y.dtype))
         return y.view(B, T, d)
 
 

@@ -225,6 +225,18 @@ class BlockFeedForward(nn.Module):
         return self.down(self.activation(self.gate(x), self.up(x)))       # (B, T, d)
 
 
+class BlockExpert(nn.Module):
+    """One expert of an MoE FFN over blocks: gate, up (f, d); down (d, f), the checkpoint's orientation."""
+
+    def __init__(self, gate: BlockLinear, up: BlockLinear, down: BlockLinear, activation):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.activation(self.gate(x), self.up(x)))       # (n, d)
+
+
 def quantize_attention_and_head_(model, fmt: str) -> None:
     """In place: each layer's fused qkv and wo, and the lm_head, become `fmt` blocks (the FFN is left as it is:
     a hybrid model's cold rows have their own format)."""
@@ -236,13 +248,17 @@ def quantize_attention_and_head_(model, fmt: str) -> None:
 
 
 def quantize_model_(model, fmt: str) -> None:
-    """In place: every matrix of the dense engine (fused qkv, wo, each FFN's gate/up/down, lm_head) becomes
-    `fmt` blocks; embeddings (a lookup of one row a token) and norms stay float. CPU, dense FFN only."""
-    from hybrid_runtime.model import FeedForward
-    model.config.require_dense_ffn("quantized weights (--weights)")
+    """In place: every matrix of the dense engine (fused qkv, wo, each FFN's or expert's gate/up/down, lm_head)
+    becomes `fmt` blocks; embeddings (a lookup of one row a token), norms and an MoE router stay float. CPU."""
+    from hybrid_runtime.model import FeedForward, MoEFeedForward
     quantize_attention_and_head_(model, fmt)
     for layer in model.layers:
         ffn = layer.ffn
+        if type(ffn) is MoEFeedForward:       # the router stays float; each expert's matrices become blocks
+            ffn.experts = nn.ModuleList(
+                BlockExpert(BlockLinear.quantize(ex.gate.float(), fmt), BlockLinear.quantize(ex.up.float(), fmt),
+                            BlockLinear.quantize(ex.down.t().float(), fmt), ex.activation) for ex in ffn.experts)
+            continue
         if type(ffn) is not FeedForward:
             raise UserError(f"quantized weights need the dense FFN, not {type(ffn).__name__}")
         layer.ffn = BlockFeedForward(ffn.norm, BlockLinear.quantize(ffn.gate.float(), fmt),

@@ -160,7 +160,6 @@ def open_model(name: str | None, device: str | None = None, dtype: str | None = 
     if block_fmt is not None or keep_blocks:
         if dev.type != "cpu":
             raise UserError("--weights: block-quantized weights run on --device cpu only (no GPU block kernels yet)")
-        cfg.require_dense_ffn("--weights (block-quantized weights)")
         odd = {n: v for n, v in (("hidden_size", cfg.dim), ("intermediate_size", cfg.ffn_dim),
                                  ("attention width", cfg.n_heads * cfg.head_dim)) if v % 32}
         if block_fmt is not None and odd:

@@ -120,11 +120,26 @@ def test_quantized_bias_and_tied_models_decode(make_hf_model, int8_reference):
         assert compare(model, steps=8) < 1e-4, over
 
 
-def test_a_moe_or_hybrid_model_is_refused_in_one_line():
-    from hybrid_runtime.errors import UserError
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+def test_quantized_mixture_of_experts_decodes_as_its_forward(fmt, int8_reference):
+    """Mixtral's experts as blocks (the router stays float): the one-call decode routes, runs the chosen
+    experts' block FFNs and adds them as the forward does."""
+    from hybrid_runtime.quant import BlockExpert
     moe = random_model(0, n_experts=4, experts_per_token=2)
-    with pytest.raises(UserError, match="quantized weights"):
-        quantize_model_(moe, "q8_0")
+    quantize_model_(moe, fmt)
+    assert all(isinstance(ex, BlockExpert) for layer in moe.layers for ex in layer.ffn.experts)
+    assert moe.layers[0].ffn.router.dtype == torch.float32
+    assert unsupported_reason(moe) is None
+    assert compare(moe, steps=8) < 1e-4
+
+
+def test_a_hybrid_ffn_is_refused_in_one_line():
+    from hybrid_runtime.errors import UserError
+    from test_cpu_decode import to_sparse_cpu
+    model = random_model(0, act="relu")
+    to_sparse_cpu(model, predictor=False)
+    with pytest.raises(UserError, match="need the dense FFN"):
+        quantize_model_(model, "q8_0")
 
 
 def _gguf(make_hf_model, tmp_path, dtype: str, **over):
