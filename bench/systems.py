@@ -275,13 +275,9 @@ def _dense_limit(ctx: Ctx, model, where: str) -> Limit:
     # one embedding row is read; a tied lm_head is the same tensor, read whole (a block lm_head is its own
     # tensor: the float embeddings are then one row); an MoE layer reads top-k experts
     emb_is_head = cfg.tie_embeddings and getattr(model.output, "weight", None) is model.tok_embeddings.weight
-    experts = getattr(model.layers[0].ffn, "experts", None)
-    expert_elem = elem                        # bytes a weight of the experts' matrices (blocks: scale included)
-    if experts is not None and hasattr(experts[0].gate, "fmt"):
-        from hybrid_runtime.quant import BLOCK, BLOCK_BYTES
-        expert_elem = BLOCK_BYTES[experts[0].gate.fmt] / BLOCK
-    weights = param_bytes(model) - (0 if emb_is_head else model.tok_embeddings.weight.numel() * elem) \
-        - unrouted_expert_bytes(cfg, expert_elem)
+    experts = getattr(model.layers[0].ffn, "experts", None)   # float or block experts: their own bytes
+    unrouted = 0 if experts is None else cfg.n_layers * (len(experts) - cfg.experts_per_token) * param_bytes(experts[0])
+    weights = param_bytes(model) - (0 if emb_is_head else model.tok_embeddings.weight.numel() * elem) - unrouted
     kv = kv_read_bytes(cfg, len(ctx.prompt) + ctx.opts.new_tokens / 2, elem)
     if where == "gpu":
         return sequential_limit(weights + kv, 0, 0, ctx.bw, "weights + KV / GPU bw")
@@ -511,11 +507,18 @@ def physical_cores() -> int:
 
 
 def gguf_type(ctx: Ctx, cpu_only: bool = True) -> str:
-    """The GGUF weight type llama.cpp runs: F32 for a CPU-only run under --cpu-format f32, else F16."""
+    """The GGUF weight type llama.cpp runs: on the CPU alone --cpu-format's (F32 for f32, the block format for
+    q8_0 / q4_0 / q4_1), else F16."""
     fmt = ctx.opts.cpu_format
     if (cpu_only or not ctx.cuda) and fmt in BLOCK_CPU_FORMATS:
         return fmt
     return "f32" if (cpu_only or not ctx.cuda) and fmt == "f32" else "f16"
+
+
+def gguf_weight_bytes(kind: str) -> float:
+    """Bytes a weight of a GGUF of `kind` (f32, f16, or a block format: its scales included)."""
+    from hybrid_runtime.quant import BLOCK, BLOCK_BYTES
+    return {"f32": 4, "f16": 2}.get(kind) or BLOCK_BYTES[kind] / BLOCK
 
 
 def gguf_path(ctx: Ctx, kind: str = "f16") -> Path:
@@ -563,7 +566,7 @@ def llamacpp_gguf(ctx: Ctx, kind: str = "f16") -> Path:
     if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         ctx.log(f"llama.cpp: reusing {out} ({out.stat().st_size / GiB:.2f} GiB)")
         return out
-    need, free = dense_weight_bytes(ctx.cfg, {"f32": 4, "f16": 2}.get(kind, 1)), free_bytes(out.parent)
+    need, free = dense_weight_bytes(ctx.cfg, gguf_weight_bytes(kind)), free_bytes(out.parent)
     if free < need_with_margin(need):
         raise _Skip(f"not enough disk for the {kind} GGUF: needs {need_with_margin(need) / GiB:.1f} GiB, "
                     f"{free / GiB:.1f} GiB free in {out.parent}")
@@ -746,8 +749,7 @@ def build_llamacpp(ctx: Ctx, offload: bool = False, cpu_only: bool = False):
         ctx.log.note(note)
     runner = LlamaCppRunner(child, info)
     # bytes per token: weights (one embedding row) + KV cache (f16 either way); GPU layers / GPU bw, the rest / CPU bw
-    from hybrid_runtime.quant import BLOCK, BLOCK_BYTES
-    wb = {"f32": 4, "f16": 2}.get(kind) or BLOCK_BYTES.get(kind, 2 * BLOCK) / BLOCK   # blocks: bytes a weight
+    wb = gguf_weight_bytes(kind)
     routed = max(getattr(cfg, "experts_per_token", 0), 1)   # MoE: the top-k experts and the router
     per_layer = wb * (2 * cfg.dim * cfg.n_heads * cfg.head_dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
                      + routed * 3 * cfg.dim * cfg.ffn_dim + getattr(cfg, "n_experts", 0) * cfg.dim + 2 * cfg.dim)

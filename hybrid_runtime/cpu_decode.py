@@ -314,88 +314,44 @@ def _block_dense_ffn(gate, up, down, fmt_gate, fmt_up, fmt_down, x, act, thresho
     _block_matvec(down, fmt_down, a, y, xq, dx, xs)
 
 
-def _layer_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
-               pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
-               ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-               router_p, chosen, xq, dx, xs, branch):
-    """branch = the FFN of layer `layer` on xn (= norm(h)), by its mode. Compiled per weight dtype: element
-    rows (float32, bf16, the cold formats) and block rows (quant.py) have every mode; block rows read the dense
-    FFN's and the experts' down matrices in the checkpoint's (d, f) orientation, cold rows neuron-major."""
+def _ffn_dense(gate, up, down, fmt, x, act, threshold, a, u, partial, y, xq, dx, xs):
+    """y = the dense gated FFN of x over one layer's (or expert's) rows; fmt is the layer's row of `fmts`; a, u
+    (f,) and the rest workspaces. Compiled per weight dtype: element rows -> `_dense_ffn` (down neuron-major),
+    block rows -> `_block_dense_ffn` (down in the checkpoint's (d, f) orientation)."""
     raise NotImplementedError("only callable from Numba-compiled code")
 
 
-@overload(_layer_ffn)
-def _layer_ffn_typed(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
-                     pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
-                     ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                     router_p, chosen, xq, dx, xs, branch):
-    if gate.dtype.dtype == types.uint8:
-        def block_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
-                      pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
-                      ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                      router_p, chosen, xq, dx, xs, branch):
-            if mode == FFN_DENSE:
-                _block_dense_ffn(gate[layer], up[layer], down[layer], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4],
-                                 xn, act[layer], act_threshold[layer], ffn_a, pred_logits, branch, xq, dx, xs)
-                # (pred_logits, (f,) and unused by a dense layer, holds the up products)
-                return
-            if mode == FFN_MOE:
-                n_experts = router[layer].shape[0]
-                k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
-                branch[:] = 0.0
-                for c in range(k):                               # in expert order
-                    e = chosen[c]
-                    i = layer * n_experts + e
-                    _block_dense_ffn(gate[i], up[i], down[i], fmts[layer, 2], fmts[layer, 3], fmts[layer, 4], xn,
-                                     act[layer], act_threshold[layer], ffn_a, pred_logits, expert_out, xq, dx, xs)
-                    w = router_p[e]
-                    for j in range(xn.shape[0]):
-                        branch[j] += expert_out[j] * w
-                return
-            if mode == FFN_PREDICTED:
-                n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
-                             pred_threshold[layer], h if pred_reads_residual else xn,
-                             pred_z[:pred_w1[layer].shape[0]], pred_logits, rows)
-                active = rows[:n]
-            else:
-                active = all_rows[:gate[layer].shape[0]]
-            block_cold_ffn_decode_kernel(gate[layer], up[layer], down[layer], fmts[layer, 2], xn, active, act[layer],
-                                         act_threshold[layer], partial, sparse_work, sparse_idx, xq, dx, xs, branch)
-        return block_ffn
+@overload(_ffn_dense)
+def _ffn_dense_typed(gate, up, down, fmt, x, act, threshold, a, u, partial, y, xq, dx, xs):
+    if gate.dtype == types.uint8:
+        return lambda gate, up, down, fmt, x, act, threshold, a, u, partial, y, xq, dx, xs: _block_dense_ffn(
+            gate, up, down, fmt[2], fmt[3], fmt[4], x, act, threshold, a, u, y, xq, dx, xs)
+    return lambda gate, up, down, fmt, x, act, threshold, a, u, partial, y, xq, dx, xs: _dense_ffn(
+        gate, up, down, fmt[2], x, act, threshold, a, partial, y)
 
-    def element_ffn(layer, mode, fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act, act_threshold,
-                    pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router, top_k,
-                    ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                    router_p, chosen, xq, dx, xs, branch):
-        ffn_fmt = fmts[layer, 2]
-        d = xn.shape[0]
-        if mode == FFN_DENSE:
-            _dense_ffn(gate[layer], up[layer], down[layer], ffn_fmt, xn, act[layer], act_threshold[layer],
-                       ffn_a, partial, branch)
-        elif mode == FFN_MOE:
-            n_experts = router[layer].shape[0]
-            k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
-            branch[:] = 0.0
-            for c in range(k):                               # in expert order
-                e = chosen[c]
-                i = layer * n_experts + e
-                _dense_ffn(gate[i], up[i], down[i], ffn_fmt, xn, act[layer], act_threshold[layer], ffn_a, partial,
-                           expert_out)
-                w = router_p[e]
-                for j in range(d):
-                    branch[j] += expert_out[j] * w
-        else:
-            if mode == FFN_PREDICTED:
-                n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
-                             pred_threshold[layer], h if pred_reads_residual else xn,
-                             pred_z[:pred_w1[layer].shape[0]], pred_logits, rows)
-                active = rows[:n]
-            else:
-                active = all_rows
-            cold_ffn_decode_kernel(gate[layer], up[layer], down[layer], gate_scale[layer], up_scale[layer],
-                                   down_scale[layer], ffn_fmt, xn, active, act[layer], act_threshold[layer],
-                                   partial, sparse_work, sparse_idx, branch)
-    return element_ffn
+
+def _ffn_cold(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, active, act, threshold, partial, work,
+              work_idx, xq, dx, xs, y):
+    """y = the FFN of x over one layer's cold rows `active`. Compiled per row dtype: element rows ->
+    `cold_ffn_decode_kernel`, block rows -> `block_cold_ffn_decode_kernel` (x rounded to int8 in xq, dx, xs)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(_ffn_cold)
+def _ffn_cold_typed(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, active, act, threshold, partial,
+                    work, work_idx, xq, dx, xs, y):
+    if gate.dtype == types.uint8:
+        def block_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, active, act, threshold, partial,
+                       work, work_idx, xq, dx, xs, y):
+            block_cold_ffn_decode_kernel(gate, up, down, fmt, x, active, act, threshold, partial, work, work_idx,
+                                         xq, dx, xs, y)
+        return block_rows
+
+    def element_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, active, act, threshold, partial,
+                     work, work_idx, xq, dx, xs, y):
+        cold_ffn_decode_kernel(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, active, act, threshold,
+                               partial, work, work_idx, y)
+    return element_rows
 
 
 # ----------------------------------------------------------------------------- the token
@@ -448,10 +404,35 @@ def decode_token_kernel(
             h[j] += residual_scale * branch[j]
         # ---- FFN
         _rms_norm(h, ffn_norm[layer], eps, xn)
-        _layer_ffn(layer, ffn_mode[layer], fmts, h, xn, gate, up, down, gate_scale, up_scale, down_scale, act,
-                   act_threshold, pred_w1, pred_b1, pred_w2, pred_b2, pred_threshold, pred_reads_residual, router,
-                   top_k, ffn_a, partial, pred_z, pred_logits, rows, all_rows, sparse_work, sparse_idx, expert_out,
-                   router_p, chosen, xq, dx, xs, branch)
+        mode = ffn_mode[layer]
+        fmt = fmts[layer]
+        if mode == FFN_DENSE:
+            # (pred_logits, (f,), is free in a dense layer: the block FFN's up products)
+            _ffn_dense(gate[layer], up[layer], down[layer], fmt, xn, act[layer], act_threshold[layer], ffn_a,
+                       pred_logits, partial, branch, xq, dx, xs)
+        elif mode == FFN_MOE:
+            n_experts = router[layer].shape[0]
+            k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
+            branch[:] = 0.0
+            for c in range(k):                               # in expert order
+                e = chosen[c]
+                i = layer * n_experts + e
+                _ffn_dense(gate[i], up[i], down[i], fmt, xn, act[layer], act_threshold[layer], ffn_a, pred_logits,
+                           partial, expert_out, xq, dx, xs)
+                w = router_p[e]
+                for j in range(d):
+                    branch[j] += expert_out[j] * w
+        else:
+            if mode == FFN_PREDICTED:
+                n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
+                             pred_threshold[layer], h if pred_reads_residual else xn,
+                             pred_z[:pred_w1[layer].shape[0]], pred_logits, rows)
+                active = rows[:n]
+            else:
+                active = all_rows[:gate[layer].shape[0]]
+            _ffn_cold(gate[layer], up[layer], down[layer], gate_scale[layer], up_scale[layer], down_scale[layer],
+                      fmt[2], xn, active, act[layer], act_threshold[layer], partial, sparse_work, sparse_idx,
+                      xq, dx, xs, branch)
         for j in range(d):
             h[j] += residual_scale * branch[j]
     _rms_norm(h, final_norm, eps, xn)

@@ -239,7 +239,8 @@ def _w_typed(w, j, fmt):
 
 
 @njit
-def _elem_dot_row(w, fmt, x):
+def _dot_row(w, fmt, x):
+    """w . x for one stored row w (d,) (unscaled for int8); fp32 accumulation."""
     acc = np.float32(0.0)
     for j in range(x.shape[0]):
         acc += _w(w, j, fmt) * x[j]
@@ -247,7 +248,9 @@ def _elem_dot_row(w, fmt, x):
 
 
 @njit
-def _elem_dot_row4(w0, w1, w2, w3, fmt, x):
+def _dot_row4(w0, w1, w2, w3, fmt, x):
+    """Four rows dotted with x in one pass: four memory streams in flight instead of one
+    (a single row's stream stalls at every row and page start; measured ~2x the bandwidth)."""
     a0 = np.float32(0.0)
     a1 = np.float32(0.0)
     a2 = np.float32(0.0)
@@ -262,19 +265,22 @@ def _elem_dot_row4(w0, w1, w2, w3, fmt, x):
 
 
 @njit
-def _elem_axpy_row(a, w, fmt, out):
+def _axpy_row(a, w, fmt, out):
+    """out += a * w for one stored row w (a already includes the int8 scale)."""
     for j in range(out.shape[0]):
         out[j] += a * _w(w, j, fmt)
 
 
 @njit
-def _elem_axpy_row4(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out):
+def _axpy_row4(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out):
+    """out += sum_k a_k * w_k over four rows: four streams, one read-modify-write of out."""
     for j in range(out.shape[0]):
         out[j] += (a0 * _w(w0, j, fmt) + a1 * _w(w1, j, fmt)) + (a2 * _w(w2, j, fmt) + a3 * _w(w3, j, fmt))
 
 
 @njit
-def _elem_decode_row(w, fmt, scale, out):
+def _decode_row(w, fmt, scale, out):
+    """out = w as fp32 (int8: times its row scale)."""
     if fmt == FMT_INT8:
         for j in range(out.shape[0]):
             out[j] = _w(w, j, fmt) * scale
@@ -286,9 +292,8 @@ def _elem_decode_row(w, fmt, scale, out):
 # ----------------------------------------------------------------------------- block rows
 # A row of blocks (quant.py): per 32 weights an fp16 scale d (Q4_1: then an fp16 min m) and the codes.
 # Q8_0: w = d * q (q int8); Q4_0: w = d * (q - 8); Q4_1: w = d * q + m (q a nibble: byte k of a block holds
-# weight k in its low nibble, weight k + 16 in its high one). The codes widen to fp32 in the inner loop
-# (16 or 32 lanes). These are fp32 kernels: unlike llama.cpp's they do not quantize x to int8 and use
-# integer dot products (AVX512-VNNI), which Numba cannot express; they run at ~4-5 G weights/s a core.
+# weight k in its low nibble, weight k + 16 in its high one). Block rows are read only by the helpers below
+# (`_w` refuses them); the element-wise helpers above never see them.
 
 @njit(inline="always")
 def _half_at(row, o):
@@ -296,77 +301,24 @@ def _half_at(row, o):
     return _fp16_to_f32(np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8)))
 
 
-@njit(inline="always")
-def _block_layout(fmt):
-    """(bytes per block, offset of the codes in a block)."""
-    if fmt == FMT_Q8_0:
-        return 34, 2
-    if fmt == FMT_Q4_0:
-        return 18, 2
-    return 20, 4
-
-
-@njit(inline="always")
-def _nibbles(c):
-    """A byte's (low, high) nibble as fp32, in fp32 arithmetic: Numba widens integer ops to int64, whose
-    conversion to float vectorises at half the width (measured: 3.3 vs 4.3 G weights/s a core)."""
-    cf = np.float32(c)
-    hi = np.floor(cf * np.float32(0.0625))
-    return cf - np.float32(16.0) * hi, hi
-
-
-@njit(inline="always")
-def _row_dim(w, fmt):
-    """Weights in a stored row of w (n, row length): its length, or for blocks 32 per block."""
-    if fmt >= FMT_Q8_0:
-        bb, co = _block_layout(fmt)
-        return w.shape[1] // bb * 32
-    return w.shape[1]
-
-
-@njit(fastmath=True)
-def _block_dot_row_acc(w, fmt, x, acc):
-    """w . x for one block row, with acc (32,) fp32 as the lane accumulator: each block adds d * q * x (+ the
-    offset) into 32 lanes and the lanes are summed once at the end. Summing inside every block instead
-    (a horizontal reduction per 32 weights) ran at half the speed."""
-    bb, co = _block_layout(fmt)
-    acc[:] = 0.0
-    for b in range(x.shape[0] // 32):
-        o = b * bb
-        j0 = b * 32
-        dd = _half_at(w, o)
-        if fmt == FMT_Q8_0:
-            for k in range(32):
-                acc[k] += dd * np.float32(np.int8(w[o + co + k])) * x[j0 + k]
-        else:
-            m = _half_at(w, o + 2) if fmt == FMT_Q4_1 else np.float32(-8.0) * dd
-            for k in range(16):
-                lo, hi = _nibbles(w[o + co + k])
-                acc[k] += (lo * dd + m) * x[j0 + k]
-                acc[16 + k] += (hi * dd + m) * x[j0 + 16 + k]
-    s = np.float32(0.0)
-    for k in range(32):
-        s += acc[k]
-    return s
-
-
-@njit
-def _block_dot_row(w, fmt, x):
-    """Generic entry (allocates its accumulator: the hot paths pass one to _block_dot_row_acc)."""
-    return _block_dot_row_acc(w, fmt, x, np.empty(32, np.float32))
-
-
-@njit
-def _block_dot_row4(w0, w1, w2, w3, fmt, x):
-    acc = np.empty(32, np.float32)
-    return (_block_dot_row_acc(w0, fmt, x, acc), _block_dot_row_acc(w1, fmt, x, acc),
-            _block_dot_row_acc(w2, fmt, x, acc), _block_dot_row_acc(w3, fmt, x, acc))
-
-
-# The decode path's block dot products: x quantized to int8 per 32 weights (as llama.cpp does), then one
+# Block dot products: x quantized to int8 per 32 weights (as llama.cpp does), then one
 # integer dot product per block, written as LLVM vector IR (sum of 32 widened products) that LLVM lowers to
 # vpdpbusd on CPUs with AVX512-VNNI / AVX-VNNI and to vpmaddwd elsewhere. Numba's own integer arithmetic
 # widens to int64 and never reaches these instructions (measured: 12.7 vs 4.3 G weights/s a core for Q4).
+
+def _load_codes(builder, data, offset, nibbles: bool):
+    """One block's 32 codes as <32 x i8> from the bytes at data + offset: 32 int8 codes, or 16 bytes of nibbles
+    (weight k in the low nibble of byte k, weight k + 16 in the high one)."""
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    n = 16 if nibbles else 32
+    vec = ir.VectorType(i8, n)
+    c = builder.load(builder.bitcast(builder.gep(data, [offset]), vec.as_pointer()), align=1)
+    if not nibbles:
+        return c
+    lo = builder.and_(c, ir.Constant(vec, [15] * 16))
+    hi = builder.lshr(c, ir.Constant(vec, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+
 
 def _vector_dot_codegen(signed_codes: bool, nibbles: bool):
     def codegen(context, builder, sig, args):
@@ -376,14 +328,8 @@ def _vector_dot_codegen(signed_codes: bool, nibbles: bool):
         v32 = ir.VectorType(i8, 32)
         v32i = ir.VectorType(i32, 32)
         x = builder.load(builder.bitcast(builder.gep(xq.data, [args[3]]), v32.as_pointer()), align=1)
-        if nibbles:         # 16 bytes: weight k in the low nibble of byte k, weight k + 16 in the high one
-            v16 = ir.VectorType(i8, 16)
-            c = builder.load(builder.bitcast(builder.gep(row.data, [args[1]]), v16.as_pointer()), align=1)
-            lo = builder.and_(c, ir.Constant(v16, [15] * 16))
-            hi = builder.lshr(c, ir.Constant(v16, [4] * 16))
-            w = builder.shuffle_vector(lo, hi, ir.Constant(v32i, list(range(32))))
-        else:   # int8 codes + 128 as unsigned bytes (xor of the sign bit): u8 x s8, the form vpdpbusd takes
-            w = builder.load(builder.bitcast(builder.gep(row.data, [args[1]]), v32.as_pointer()), align=1)
+        w = _load_codes(builder, row.data, args[1], nibbles)
+        if not nibbles:   # int8 codes + 128 as unsigned bytes (xor of the sign bit): u8 x s8, the form vpdpbusd takes
             w = builder.xor(w, ir.Constant(v32, [0x80] * 32))
         xw = builder.sext(x, v32i)
         name = "llvm.vector.reduce.add.v32i32"
@@ -426,19 +372,10 @@ def _axpy_block_codegen(nibbles: bool):
     def codegen(context, builder, sig, args):
         row = context.make_array(sig.args[0])(context, builder, args[0])
         out = context.make_array(sig.args[2])(context, builder, args[2])
-        i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+        i32, f32 = ir.IntType(32), ir.FloatType()
         v32i, v32f = ir.VectorType(i32, 32), ir.VectorType(f32, 32)
-        if nibbles:
-            v16 = ir.VectorType(i8, 16)
-            c = builder.load(builder.bitcast(builder.gep(row.data, [args[1]]), v16.as_pointer()), align=1)
-            lo = builder.and_(c, ir.Constant(v16, [15] * 16))
-            hi = builder.lshr(c, ir.Constant(v16, [4] * 16))
-            q = builder.uitofp(builder.zext(builder.shuffle_vector(lo, hi, ir.Constant(v32i, list(range(32)))),
-                                            v32i), v32f)
-        else:
-            v32 = ir.VectorType(i8, 32)
-            c = builder.load(builder.bitcast(builder.gep(row.data, [args[1]]), v32.as_pointer()), align=1)
-            q = builder.sitofp(builder.sext(c, v32i), v32f)
+        c = _load_codes(builder, row.data, args[1], nibbles)
+        q = builder.uitofp(builder.zext(c, v32i), v32f) if nibbles else builder.sitofp(builder.sext(c, v32i), v32f)
 
         def splat(v):
             undef = ir.Constant(v32f, None)
@@ -535,81 +472,10 @@ def _block_axpy_row(a, w, fmt, out):
 
 
 @njit
-def _block_axpy_row4(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out):
-    _block_axpy_row(a0, w0, fmt, out)
-    _block_axpy_row(a1, w1, fmt, out)
-    _block_axpy_row(a2, w2, fmt, out)
-    _block_axpy_row(a3, w3, fmt, out)
-
-
-@njit
-def _block_decode_row(w, fmt, scale, out):
-    """out = the row's weights in fp32 (scale unused: blocks carry their own)."""
+def _block_decode_row(w, fmt, out):
+    """out = the row's weights in fp32."""
     out[:] = 0.0
     _block_axpy_row(np.float32(1.0), w, fmt, out)
-
-
-# ----------------------------------------------------------------------------- per-row dispatch
-# Each helper below is compiled per row dtype: uint8 rows are blocks, anything else element-wise.
-
-def _dot_row(w, fmt, x):
-    """w . x for one stored row w (d,) (unscaled for int8); fp32 accumulation."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-def _dot_row4(w0, w1, w2, w3, fmt, x):
-    """Four rows dotted with x in one pass: four memory streams in flight instead of one
-    (a single row's stream stalls at every row and page start; measured ~2x the bandwidth)."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-def _axpy_row(a, w, fmt, out):
-    """out += a * w for one stored row w (a already includes the int8 scale)."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-def _axpy_row4(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out):
-    """out += sum_k a_k * w_k over four rows: four streams, one read-modify-write of out."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-def _decode_row(w, fmt, scale, out):
-    """out = w as fp32 (int8: times its row scale)."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
-def _is_blocks(w) -> bool:
-    return isinstance(w, types.Array) and w.dtype == types.uint8
-
-
-@overload(_dot_row)
-def _dot_row_typed(w, fmt, x):
-    impl = _block_dot_row if _is_blocks(w) else _elem_dot_row
-    return lambda w, fmt, x: impl(w, fmt, x)
-
-
-@overload(_dot_row4)
-def _dot_row4_typed(w0, w1, w2, w3, fmt, x):
-    impl = _block_dot_row4 if _is_blocks(w0) else _elem_dot_row4
-    return lambda w0, w1, w2, w3, fmt, x: impl(w0, w1, w2, w3, fmt, x)
-
-
-@overload(_axpy_row)
-def _axpy_row_typed(a, w, fmt, out):
-    impl = _block_axpy_row if _is_blocks(w) else _elem_axpy_row
-    return lambda a, w, fmt, out: impl(a, w, fmt, out)
-
-
-@overload(_axpy_row4)
-def _axpy_row4_typed(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out):
-    impl = _block_axpy_row4 if _is_blocks(w0) else _elem_axpy_row4
-    return lambda a0, w0, a1, w1, a2, w2, a3, w3, fmt, out: impl(a0, w0, a1, w1, a2, w2, a3, w3, fmt, out)
-
-
-@overload(_decode_row)
-def _decode_row_typed(w, fmt, scale, out):
-    impl = _block_decode_row if _is_blocks(w) else _elem_decode_row
-    return lambda w, fmt, scale, out: impl(w, fmt, scale, out)
 
 
 @njit
@@ -670,6 +536,34 @@ def _combine(ga, u, act, threshold):
     return ga * u
 
 
+@njit(inline="always")
+def _keep_firing(rows, act, threshold, a, live):
+    """Compact in place: the neurons of `rows` whose activated gate (a holds their gate products) is
+    non-zero, into live[:n] with a[:n] their activated gates; returns n."""
+    n = 0
+    for i in range(rows.shape[0]):                   # n <= i
+        ga = _gate_act(a[i], act, threshold)
+        if ga != 0:
+            live[n] = rows[i]
+            a[n] = ga
+            n += 1
+    return n
+
+
+@njit(inline="always")
+def _keep_nonzero(n_live, act, threshold, a, u, live):
+    """Compact in place: of live[:n_live] (activated gates a, up products u), the neurons whose activation is
+    non-zero, into live[:n] with a[:n] their activations; returns n."""
+    n = 0
+    for i in range(n_live):
+        ai = _combine(a[i], u[i], act, threshold)
+        if ai != 0:
+            live[n] = live[i]
+            a[n] = ai
+            n += 1
+    return n
+
+
 @njit
 def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, rows, act, threshold,
                      a, u, live, out):
@@ -683,29 +577,17 @@ def _sparse_ffn_rows(gate, up, down, gate_scale, up_scale, down_scale, fmt, x, r
     a = a[:n]
     live = live[:n]
     _dot_rows(gate, gate_scale, fmt, rows, x, a)
-    n_live = 0
-    for i in range(n):                               # compact in place: n_live <= i
-        ga = _gate_act(a[i], act, threshold)
-        if ga != 0:
-            live[n_live] = rows[i]
-            a[n_live] = ga
-            n_live += 1
+    n_live = _keep_firing(rows, act, threshold, a, live)
     u = u[:n_live]
     _dot_rows(up, up_scale, fmt, live[:n_live], x, u)
-    n_out = 0
-    for i in range(n_live):
-        ai = _combine(a[i], u[i], act, threshold)
-        if ai != 0:
-            live[n_out] = live[i]
-            a[n_out] = ai
-            n_out += 1
+    n_out = _keep_nonzero(n_live, act, threshold, a, u, live)
     _axpy_rows(down, down_scale, fmt, live[:n_out], a[:n_out], out)
 
 
 @njit(fastmath=True, cache=True)
 def decode_rows(w, fmt, scales):
     """Stored rows (n, d) -> fp32 (n, d), with the kernels' own conversion code (tests use it)."""
-    out = np.empty((w.shape[0], _row_dim(w, fmt)), np.float32)
+    out = np.empty(w.shape, np.float32)
     for r in range(w.shape[0]):
         _decode_row(w[r], fmt, _row_scale(scales, r, fmt), out[r])
     return out
@@ -715,7 +597,7 @@ def decode_rows(w, fmt, scales):
 def decode_block_rows(w, fmt, out):
     """Block rows w (n, row bytes) -> out (n, d) fp32, rows in parallel (quant.BlockLinear's prefill)."""
     for r in prange(w.shape[0]):
-        _block_decode_row(w[r], fmt, np.float32(1.0), out[r])
+        _block_decode_row(w[r], fmt, out[r])
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -772,24 +654,12 @@ def _block_sparse_ffn_rows(gate, up, down, fmt, xq, dx, xs, rows, act, threshold
         if i + 4 < n:
             _prefetch_row(gate[rows[i + 4]])
         a[i] = _block_dot_row_q(gate[rows[i]], fmt, xq, dx, xs)
-    n_live = 0
-    for i in range(n):                               # compact in place: n_live <= i
-        ga = _gate_act(a[i], act, threshold)
-        if ga != 0:
-            live[n_live] = rows[i]
-            a[n_live] = ga
-            n_live += 1
+    n_live = _keep_firing(rows, act, threshold, a, live)
     for i in range(n_live):
         if i + 4 < n_live:
             _prefetch_row(up[live[i + 4]])
         u[i] = _block_dot_row_q(up[live[i]], fmt, xq, dx, xs)
-    n_out = 0
-    for i in range(n_live):
-        ai = _combine(a[i], u[i], act, threshold)
-        if ai != 0:
-            live[n_out] = live[i]
-            a[n_out] = ai
-            n_out += 1
+    n_out = _keep_nonzero(n_live, act, threshold, a, u, live)
     for i in range(n_out):
         if i + 4 < n_out:
             _prefetch_row(down[live[i + 4]])
@@ -1258,8 +1128,9 @@ class ColdFFN:
     def __init__(self, cold: ColdRows, act: str, threshold: float = 0.0):
         activation = as_activation(act, threshold)
         self.cold = cold
-        self._args = (cold.gate, cold.up, cold.down, cold.gate_scale, cold.up_scale, cold.down_scale,
-                      cold.fmt_code)
+        # the rows as the kernel takes them (block rows carry their scales)
+        self._args = ((cold.gate, cold.up, cold.down, cold.fmt_code) if cold.is_blocks else
+                      (cold.gate, cold.up, cold.down, cold.gate_scale, cold.up_scale, cold.down_scale, cold.fmt_code))
         self.activation = activation
         self._act = activation.kernel_code
         self._threshold = np.float32(activation.kernel_threshold)
@@ -1269,8 +1140,8 @@ class ColdFFN:
         """Per-thread partial sums and row lists of the decode kernel, made once (and again if the
         thread count changes): nothing is allocated per token."""
         d = self.cold.dim
-        self._xq = (np.empty(d, np.int8), np.empty(d // 32, np.float32), np.empty(d // 32, np.float32))
-        self._partial = np.empty((n_threads, self.cold.dim), np.float32)
+        self._xq = (np.empty(d, np.int8), np.empty(d // 32, np.float32), np.empty(d // 32, np.float32))  # blocks
+        self._partial = np.empty((n_threads, d), np.float32)
         self._work = np.empty((n_threads, 2, self.cold.n_rows), np.float32)
         self._work_idx = np.empty((n_threads, self.cold.n_rows), np.int64)
 
@@ -1279,8 +1150,8 @@ class ColdFFN:
         if self._partial.shape[0] != n_threads:
             self._workspaces(n_threads)
         if self.cold.is_blocks:
-            args = (self.cold.gate, self.cold.up, self.cold.down, self.cold.fmt_code, x, active, self._act,
-                    self._threshold, self._partial, self._work, self._work_idx, *self._xq, out)
+            args = (*self._args, x, active, self._act, self._threshold, self._partial, self._work, self._work_idx,
+                    *self._xq, out)
             if "block_decode" in _ready:
                 block_cold_ffn_decode_kernel(*args)
             else:

@@ -152,6 +152,17 @@ class FileBlocks:
         self.data, self.fmt, self.d = data, fmt, d
 
 
+def file_blocks(t) -> FileBlocks | None:
+    """A GGUF tensor's own blocks when its type is one the kernels read (the file's read-only map, used as it
+    is and never written; no copy), else None."""
+    if t.tensor_type.name not in BLOCK_TYPES:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # torch warns about the read-only map
+        data = torch.from_numpy(np.asarray(t.data))    # (rows, row bytes)
+    return FileBlocks(data, BLOCK_TYPES[t.tensor_type.name], int(t.shape[0]))
+
+
 def iter_gguf_blocks(reader, cfg: dict, path: Path, converted: list[str]):
     """(HF name, FileBlocks or float32 tensor, path): every 2-D matrix but the token embeddings as blocks
     (the file's own when Q8_0 / Q4_0 / Q4_1, else quantized to Q8_0 and its name appended to `converted`),
@@ -164,21 +175,15 @@ def iter_gguf_blocks(reader, cfg: dict, path: Path, converted: list[str]):
         if len(t.shape) < 2 or name == "model.embed_tokens.weight":
             yield name, torch.from_numpy(np.array(_dequantized(t, path), np.float32)), path
             continue
-        d = int(t.shape[0])
-        kind = t.tensor_type.name
-        if kind in BLOCK_TYPES:
-            with warnings.catch_warnings():   # the file's read-only map, used as it is (never written)
-                warnings.simplefilter("ignore", UserWarning)
-                data = torch.from_numpy(np.asarray(t.data))    # (rows, row bytes)
-            fmt = BLOCK_TYPES[kind]
-        else:
-            data = to_blocks(torch.from_numpy(np.array(_dequantized(t, path), np.float32)), "q8_0")
-            fmt = "q8_0"
-            converted.append(f"{t.name} ({kind})")
+        blocks = file_blocks(t)
+        if blocks is None:
+            blocks = FileBlocks(to_blocks(torch.from_numpy(np.array(_dequantized(t, path), np.float32)), "q8_0"),
+                                "q8_0", int(t.shape[0]))
+            converted.append(f"{t.name} ({t.tensor_type.name})")
         if name.endswith(("q_proj.weight", "k_proj.weight")):   # rows are whole blocks: permute them as rows
             heads = cfg["num_attention_heads"] if name.endswith("q_proj.weight") else cfg["num_key_value_heads"]
-            data = torch.from_numpy(unpermute_rope_rows(data.numpy(), heads))
-        yield name, FileBlocks(data, fmt, d), path
+            blocks.data = torch.from_numpy(unpermute_rope_rows(blocks.data.numpy(), heads))
+        yield name, blocks, path
 
 
 def iter_gguf_tensors(reader, cfg: dict, path: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hybrid_runtime.errors import UserError
@@ -256,11 +255,11 @@ def load_block_model(md: ModelDir) -> Transformer:
 
 def _embedding_blocks(md: ModelDir, emb: torch.Tensor, converted: list[str]):
     """The tied lm_head's blocks: the file's token_embd blocks when they are a kept format, else Q8_0."""
-    from hybrid_runtime.gguf_reader import BLOCK_TYPES, FileBlocks
+    from hybrid_runtime.gguf_reader import FileBlocks, file_blocks
     from hybrid_runtime.quant import to_blocks
     t = next(t for t in md.gguf.tensors if t.name == "token_embd.weight")
-    kind = t.tensor_type.name
-    if kind in BLOCK_TYPES:
-        return FileBlocks(torch.from_numpy(np.array(t.data)), BLOCK_TYPES[kind], emb.shape[1])
-    converted.append(f"token_embd.weight ({kind}, as the tied lm_head)")
-    return FileBlocks(to_blocks(emb, "q8_0"), "q8_0", emb.shape[1])
+    blocks = file_blocks(t)
+    if blocks is None:
+        converted.append(f"token_embd.weight ({t.tensor_type.name}, as the tied lm_head)")
+        blocks = FileBlocks(to_blocks(emb, "q8_0"), "q8_0", emb.shape[1])
+    return blocks

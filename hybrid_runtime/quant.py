@@ -18,7 +18,7 @@ tests/test_quant.py checks equality with the `gguf` package on random and advers
 At rest a quantized matrix (n, d) is one uint8 array (n, d/32 * block bytes): each row its blocks in
 order, each block its fp16 scale (and fp16 min for Q4_1) then its codes, byte for byte a GGUF tensor's
 data (`to_blocks` / `from_blocks`). So a GGUF file's blocks are used as they are (no copy), a row is one
-memory stream, and the Numba kernels (`cpu_ffn._block_dot_row4` and friends) read rows of it; their
+memory stream, and the Numba kernels (`cpu_ffn._block_dot_row_q`, `_block_axpy_row`) read rows of it; their
 reference is `from_blocks` (de-quantize), then float64 arithmetic.
 
 The modules: `BlockLinear` (a Linear whose weight is blocks) and `BlockFeedForward` (the dense FFN with
@@ -209,24 +209,11 @@ class BlockLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
 
 
-class BlockFeedForward(nn.Module):
-    """The dense gated FFN over blocks: y = down (act(gate x) * (up x)), x = norm(h).
+class BlockExpert(nn.Module):
+    """A gated FFN over blocks, y = down (act(gate x) * (up x)): one expert of an MoE FFN.
 
     gate, up: (f, d) rows; down: (d, f) rows, the checkpoint's orientation (HF down_proj.weight, GGUF
     ffn_down), so its blocks run along the neurons."""
-
-    def __init__(self, norm: nn.Module, gate: BlockLinear, up: BlockLinear, down: BlockLinear, activation):
-        super().__init__()
-        self.norm, self.gate, self.up, self.down = norm, gate, up, down
-        self.activation = activation
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.norm(h)                                                   # (B, T, d)
-        return self.down(self.activation(self.gate(x), self.up(x)))       # (B, T, d)
-
-
-class BlockExpert(nn.Module):
-    """One expert of an MoE FFN over blocks: gate, up (f, d); down (d, f), the checkpoint's orientation."""
 
     def __init__(self, gate: BlockLinear, up: BlockLinear, down: BlockLinear, activation):
         super().__init__()
@@ -234,7 +221,24 @@ class BlockExpert(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.activation(self.gate(x), self.up(x)))       # (n, d)
+        return self.down(self.activation(self.gate(x), self.up(x)))       # (..., d)
+
+    @classmethod
+    def quantize(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fmt: str, activation):
+        """From the engine's neuron-major (f, d) gate, up and down rows."""
+        return cls(BlockLinear.quantize(gate.float(), fmt), BlockLinear.quantize(up.float(), fmt),
+                   BlockLinear.quantize(down.t().float(), fmt), activation)
+
+
+class BlockFeedForward(BlockExpert):
+    """The dense FFN over blocks: a BlockExpert on x = norm(h) (the block owns its norm, as FeedForward)."""
+
+    def __init__(self, norm: nn.Module, gate: BlockLinear, up: BlockLinear, down: BlockLinear, activation):
+        super().__init__(gate, up, down, activation)
+        self.norm = norm
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(h))                               # (B, T, d)
 
 
 def quantize_attention_and_head_(model, fmt: str) -> None:
@@ -255,15 +259,13 @@ def quantize_model_(model, fmt: str) -> None:
     for layer in model.layers:
         ffn = layer.ffn
         if type(ffn) is MoEFeedForward:       # the router stays float; each expert's matrices become blocks
-            ffn.experts = nn.ModuleList(
-                BlockExpert(BlockLinear.quantize(ex.gate.float(), fmt), BlockLinear.quantize(ex.up.float(), fmt),
-                            BlockLinear.quantize(ex.down.t().float(), fmt), ex.activation) for ex in ffn.experts)
+            ffn.experts = nn.ModuleList(BlockExpert.quantize(ex.gate, ex.up, ex.down, fmt, ex.activation)
+                                        for ex in ffn.experts)
             continue
         if type(ffn) is not FeedForward:
             raise UserError(f"quantized weights need the dense FFN, not {type(ffn).__name__}")
-        layer.ffn = BlockFeedForward(ffn.norm, BlockLinear.quantize(ffn.gate.float(), fmt),
-                                     BlockLinear.quantize(ffn.up.float(), fmt),
-                                     BlockLinear.quantize(ffn.down.t().float(), fmt), ffn.activation)
+        e = BlockExpert.quantize(ffn.gate, ffn.up, ffn.down, fmt, ffn.activation)
+        layer.ffn = BlockFeedForward(ffn.norm, e.gate, e.up, e.down, ffn.activation)
 
 
 def block_formats(model) -> set[str]:

@@ -14,8 +14,8 @@ from hybrid_runtime.errors import UserError, log
 from hybrid_runtime.generate import Generator
 from hybrid_runtime.gguf_reader import quantized_types
 from hybrid_runtime.loading import load_model, load_tokenizer, parse_dtype, resolve_model
-from hybrid_runtime.quant import (BLOCK_BYTES, block_formats, quantize_attention_and_head_, quantize_model_,
-                                  weight_format)
+from hybrid_runtime.quant import (BLOCK_BYTES, block_formats, block_row_bytes, quantize_attention_and_head_,
+                                  quantize_model_, weight_format)
 from hybrid_runtime.model import ModelConfig
 from hybrid_runtime.model_dir import ModelDir, open_model_dir
 
@@ -96,7 +96,6 @@ def available_ram() -> int | None:
 
 def cold_neuron_bytes(cfg: ModelConfig, cold_format: str | None) -> int:
     """CPU bytes of one cold neuron: gate, up and down rows (16-bit, int8 with an fp32 scale each, or blocks)."""
-    from hybrid_runtime.quant import BLOCK_BYTES, block_row_bytes
     if cold_format in BLOCK_BYTES:
         return 3 * block_row_bytes(cfg.dim, cold_format)
     return 3 * (cfg.dim + 4) if cold_format == "int8" else 3 * cfg.dim * 2
