@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from convert.prosparse import ActivationRecorder, decoder_layers, model_activation
+from convert.prosparse import ActivationRecorder, decoder_layers, down_input_module, is_moe, model_activation
 from hybrid_runtime.activations import Activation, cett_threshold
+from hybrid_runtime.errors import UserError
 
 SPARSITY_METHODS = ("auto", "exact", "cett", "both")
 
@@ -76,7 +77,7 @@ class _SampleRecorder:
         self.n[i] += x1.shape[0]
 
     def __enter__(self):
-        self._handles = [l.mlp.down_proj.register_forward_pre_hook(partial(self._hook, i))
+        self._handles = [down_input_module(l).register_forward_pre_hook(partial(self._hook, i))
                          for i, l in enumerate(self.layers)]
         return self
 
@@ -103,7 +104,11 @@ def evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, sparsi
         raise ValueError(f"sparsity must be one of {SPARSITY_METHODS}")
     act, threshold = model_activation(model)
     relu_family = Activation(act, threshold).has_exact_zeros
-    want_cett = sparsity in ("cett", "both") or (sparsity == "auto" and not relu_family)
+    moe = any(is_moe(layer) for layer in decoder_layers(model))
+    if moe and sparsity in ("cett", "both"):
+        raise UserError("CETT sparsity is defined for one dense FFN per layer; this model has experts "
+                        "(use --sparsity exact)")
+    want_cett = sparsity in ("cett", "both") or (sparsity == "auto" and not relu_family and not moe)
     model.eval()
     n_tokens = blocks.numel()
     stride = max(1, n_tokens // max(cett_tokens, 1))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from hybrid_runtime.activations import NAMES as ACTIVATIONS  # config.json `hidden_act` (+ `hidden_act_param`)
 from hybrid_runtime.activations import Activation
@@ -42,7 +43,7 @@ from hybrid_runtime.errors import UserError
 from hybrid_runtime.model_dir import open_model_dir, read_config
 
 # transformers classes by config.json `model_type`: the LLaMA family this runtime serves.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 
 
 # ----------------------------------------------------------------------------- activations
@@ -85,6 +86,64 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+class SparseExperts(nn.Module):
+    """Mixtral's experts (transformers' `MixtralExperts`: `gate_up_proj` (E, 2f, d), `down_proj` (E, d, f))
+    with a selectable activation; the same parameters, so the state-dict keys do not change.
+
+    Probes, for hooks (the dense MLP's `gate_proj` / `down_proj` play these roles):
+      `gate_probe` sees each routed expert's gate pre-activations gate(x) (n_e, f);
+      `x1_probe` sees x1 = gate_act(gate(x)) * up_act(up(x)) of all routed (token, expert) pairs at once
+      (sum over tokens of top_k rows, f): one L1 term and one zero count per layer, as for a dense FFN.
+    Experts are applied in expert order and added per token in that order, as transformers does.
+    """
+
+    def __init__(self, experts: nn.Module, act: str, threshold: float = 0.0):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = experts.gate_up_proj, experts.down_proj
+        self.num_experts = self.gate_up_proj.shape[0]
+        self.act, self.threshold = act, float(threshold)
+        activation = Activation(act, self.threshold)
+        self.gate_act, self.up_act = activation.gate_fn, activation.up_fn
+        self.gate_probe, self.x1_probe = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # x (N, d); top_k_index, top_k_weights (N, k)
+        routed, x1s = [], []
+        for e in range(self.num_experts):
+            token, slot = torch.where(top_k_index == e)                          # (n_e,), (n_e,)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, f) each
+            x1s.append(self.gate_act(self.gate_probe(gate)) * self.up_act(up))
+            routed.append((e, token, slot))
+        y = torch.zeros_like(x)
+        if not routed:
+            return y
+        x1 = self.x1_probe(torch.cat(x1s))                                       # (sum n_e, f)
+        for (e, token, slot), x1_e in zip(routed, x1.split([len(r[1]) for r in routed])):
+            y_e = F.linear(x1_e, self.down_proj[e]) * top_k_weights[token, slot, None]
+            y.index_add_(0, token, y_e.to(y.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, act={self.act}" + (
+            f", threshold={self.threshold}" if self.act == "fatrelu" else "")
+
+
+def is_moe(layer: nn.Module) -> bool:
+    return hasattr(layer.mlp, "experts")
+
+
+def down_input_module(layer: nn.Module) -> nn.Module:
+    """The module whose forward pre-hook sees the layer's x1 (the input of down_proj) as args[0], (..., f)."""
+    return layer.mlp.experts.x1_probe if is_moe(layer) else layer.mlp.down_proj
+
+
+def gate_output_module(layer: nn.Module) -> nn.Module:
+    """The module whose forward hook sees the layer's gate pre-activations gate(x) as its output, (..., f)."""
+    return layer.mlp.experts.gate_probe if is_moe(layer) else layer.mlp.gate_proj
+
+
 def model_activation(model: nn.Module) -> tuple[str, float]:
     """(activation, threshold) the model currently computes, as recorded in its config."""
     act = getattr(model.config, "hidden_act", "silu")
@@ -94,6 +153,8 @@ def model_activation(model: nn.Module) -> tuple[str, float]:
 
 def swap_activation(model: nn.Module, act: str, threshold: float = 0.0) -> nn.Module:
     """Make every decoder layer's MLP compute `act` (one of ACTIVATIONS); updates model.config.
+
+    A Mixtral layer's experts become `SparseExperts` (every expert computes `act`; the router is unchanged).
 
     `threshold` is FATReLU's t (act="fatrelu", t > 0). The layers' Linear weights are reused,
     not copied; swapping again (e.g. relu -> fatrelu after training) is cheap.
@@ -106,6 +167,12 @@ def swap_activation(model: nn.Module, act: str, threshold: float = 0.0) -> nn.Mo
         raise UserError(f"a threshold applies to fatrelu only (got activation {act}, threshold {threshold})")
     for layer in decoder_layers(model):
         mlp = layer.mlp
+        if is_moe(layer):
+            experts = mlp.experts
+            if not all(hasattr(experts, n) for n in ("gate_up_proj", "down_proj")):
+                raise UserError(f"{type(experts).__name__}: not Mixtral-style experts (gate_up_proj, down_proj)")
+            mlp.experts = SparseExperts(experts, act, threshold)
+            continue
         if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
             raise UserError(f"{type(mlp).__name__}: not a gated (SwiGLU-style) MLP with gate/up/down_proj")
         layer.mlp = SparseMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, act, threshold)
@@ -176,7 +243,7 @@ class ActivationRecorder:
         self._armed = False
 
     def __enter__(self) -> "ActivationRecorder":
-        self._handles = [layer.mlp.down_proj.register_forward_pre_hook(partial(self._hook, i))
+        self._handles = [down_input_module(layer).register_forward_pre_hook(partial(self._hook, i))
                          for i, layer in enumerate(self.layers)]
         self._handles += [self.model.register_forward_pre_hook(self._arm),
                           self.model.register_forward_hook(self._disarm)]
@@ -338,18 +405,18 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     + hidden_act_param) nor `drelu`: the model is built with a known activation and then
     swapped to the recorded one, so it computes exactly what config.json says.
     """
-    from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM
+    from transformers import AutoConfig, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM
     from transformers.utils import logging as hf_logging
 
     raw = read_hf_config(path)
     act = raw.get("hidden_act", "silu")
     threshold = float(raw.get("hidden_act_param", 0.0)) if act == "fatrelu" else 0.0
-    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[raw["model_type"]]
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM,
+           "mixtral": MixtralForCausalLM}[raw["model_type"]]
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config.hidden_act = "silu" if act == "silu" else "relu"  # a name transformers can build; swapped below
     source, extra = path, {}
     md = open_model_dir(path)
-    md.config.require_dense_ffn("hybrid-convert prosparse")
     if md.is_hybrid:  # native tensor names: translate them back (see _hybrid_state_as_hf)
         source, extra = None, {"state_dict": _hybrid_state_as_hf(md, cls, config)}
     verbosity = hf_logging.get_verbosity()
@@ -365,7 +432,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     if missing:  # transformers would fill these with random values: never evaluate or train that
         raise UserError(f"{path}: the checkpoint lacks {len(missing)} weights that config.json needs, "
                         f"e.g. {missing[0]!r}")
-    if act not in ("silu", "relu"):
+    if act not in ("silu", "relu") or md.config.n_experts:  # experts: always, for SparseExperts' probes
         swap_activation(model, act, threshold)
     return model.to(device)
 

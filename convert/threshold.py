@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from convert.evaluate import heldout_loss
-from convert.prosparse import decoder_layers, model_activation, swap_activation
+from convert.prosparse import decoder_layers, gate_output_module, model_activation, swap_activation
 from hybrid_runtime.errors import UserError
 
 DEFAULT_QUANTILES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -52,7 +52,7 @@ def _positive_gate_quantiles(model: nn.Module, blocks: torch.Tensor, batch_size:
             values.append(v.cpu())
             seen[0] += v.numel()
 
-    handles = [l.mlp.gate_proj.register_forward_hook(hook) for l in decoder_layers(model)]
+    handles = [gate_output_module(l).register_forward_hook(hook) for l in decoder_layers(model)]
     try:
         for i in range(0, blocks.shape[0], batch_size):
             if seen[0] >= max_values:
