@@ -169,11 +169,10 @@ def evaluate_modes(model_dir, blocks: torch.Tensor, modes=EVAL_MODES, batch_size
     dense, teacher-forced (every position of the text) and free-running (greedy continuations of the
     first `free_prompt_len` tokens of `free_prompts` blocks)."""
     from hybrid_runtime.errors import UserError
-    from hybrid_runtime.hybrid import ReferenceFFN
+    from hybrid_runtime.hybrid import ReferenceFFN, ReferenceMoEFFN
     from hybrid_runtime.loading import load_model
     from hybrid_runtime.model_dir import open_model_dir
     md = open_model_dir(model_dir)
-    md.config.require_dense_ffn("hybrid-convert eval")
     cfg = md.config
     modes = list(dict.fromkeys(["dense", *modes]))
     unknown = [m for m in modes if m not in EVAL_MODES]
@@ -198,7 +197,7 @@ def evaluate_modes(model_dir, blocks: torch.Tensor, modes=EVAL_MODES, batch_size
     prompts = blocks[:free_prompts, :free_prompt_len]
     for mode in modes:
         for i, layer in enumerate(model.layers):
-            layer.ffn = ReferenceFFN(dense_ffns[i], acts[i], mode,
+            layer.ffn = (ReferenceMoEFFN if cfg.n_experts else ReferenceFFN)(dense_ffns[i], acts[i], mode,
                                      preds.layers[i] if mode == "predictor" else None,
                                      preds is not None and preds.input_kind == "residual")
         total, agree = 0.0, 0
@@ -219,7 +218,7 @@ def evaluate_modes(model_dir, blocks: torch.Tensor, modes=EVAL_MODES, batch_size
         if mode == "dense":
             dense_free = free
         tokens, computed, active, predicted, hit = counts.T
-        f = cfg.ffn_dim
+        f = cfg.layer_neurons            # a mixture of experts: densities over all its experts' neurons
         loss = total / n_tok
         row = {"loss": loss, "perplexity": math.exp(loss),
                "ffn_sparsity": float(1 - (computed / (tokens * f)).mean()),

@@ -47,16 +47,16 @@ def pack(model: str, profile_dir: str, predictors_dir: str | None, out_dir: str,
     cfg = open_model_dir(src).config
     check_output_path(out_dir, [("--model", src), ("--profile", profile_dir), ("--predictors", predictors_dir)])
     prof, freqs = read_profile(Path(profile_dir))
-    if (len(freqs), len(freqs[0])) != (cfg.n_layers, cfg.ffn_dim):
+    if (len(freqs), len(freqs[0])) != (cfg.n_layers, cfg.layer_neurons):
         raise UserError(f"{profile_dir}: profile is {len(freqs)} layers x {len(freqs[0])} neurons but the model "
-                        f"is {cfg.n_layers} x {cfg.ffn_dim} (a profile of another model?)")
+                        f"is {cfg.n_layers} x {cfg.layer_neurons} (a profile of another model?)")
     predictors, layer_stats = None, [dict(p) for p in prof.get("layers", [])]
     if predictors_dir:
         pred_file = Path(predictors_dir) / "predictors.safetensors"
         if not pred_file.is_file():
             raise UserError(f"{pred_file}: not found (run `hybrid-convert train-predictors` first)")
         predictors = PredictorSet.load(pred_file)
-        if (len(predictors), predictors.ffn_dim, predictors.dim) != (cfg.n_layers, cfg.ffn_dim, cfg.dim):
+        if (len(predictors), predictors.ffn_dim, predictors.dim) != (cfg.n_layers, cfg.layer_neurons, cfg.dim):
             raise UserError(f"{pred_file}: predictors do not match the model's shape")
         metrics_path = Path(predictors_dir) / "predictor_metrics.json"
         if metrics_path.is_file():

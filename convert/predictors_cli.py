@@ -215,9 +215,9 @@ def train_predictors_cmd(profile_dir, out_dir, model, recall_target, density_fac
     log(f"loading {model_path} for the FFN weights")
     import torch
     m = load_model(model_path, device="cpu", dtype=torch.float32 if dev == "cpu" else None)
-    if (m.config.n_layers, m.config.dim, m.config.ffn_dim) != (reader.n_layers, reader.dim, reader.ffn_dim):
-        raise UserError(f"model {model_path} is (n_layers, dim, ffn_dim) = "
-                        f"{(m.config.n_layers, m.config.dim, m.config.ffn_dim)} but the profile is "
+    if (m.config.n_layers, m.config.dim, m.config.layer_neurons) != (reader.n_layers, reader.dim, reader.ffn_dim):
+        raise UserError(f"model {model_path} is (n_layers, dim, FFN neurons) = "
+                        f"{(m.config.n_layers, m.config.dim, m.config.layer_neurons)} but the profile is "
                         f"{(reader.n_layers, reader.dim, reader.ffn_dim)}")
     ffns = [layer.ffn for layer in m.layers]
 

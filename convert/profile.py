@@ -161,19 +161,42 @@ def check_profile_inputs(model_path: str, data_files: list[str], out_dir: str | 
             raise UserError(f"{f}: data file not found")
     model_dir = resolve_model(model_path)
     md = open_model_dir(model_dir)
-    md.config.require_dense_ffn("hybrid-convert profile")
     mcfg = md.config
+    if mcfg.n_experts and pcfg.cett is not None:
+        raise UserError("--cett: magnitude activity is defined for one dense FFN per layer; this model has "
+                        f"{mcfg.n_experts} experts (convert it to ReLU/dReLU experts with `hybrid-convert prosparse`)")
     out = None if out_dir is None else \
         check_output_path(out_dir, [("--model", model_dir), *(("--data", f) for f in files)])
     if pcfg.cett is not None and mcfg.act != "silu":
         raise UserError(f"--cett defines active neurons by output magnitude, for SiLU models; this model is "
                         f"{mcfg.act}, whose inactive neurons are exact zeros already: drop --cett")
+    if mcfg.n_experts and not mcfg.activation.has_exact_zeros:
+        raise UserError(f"{model_dir}: its experts use {mcfg.act!r} (no exact zeros); convert them to ReLU or dReLU "
+                        "experts first: hybrid-convert prosparse --activation relu|drelu")
     if pcfg.cett is None and not mcfg.activation.has_exact_zeros:
         raise UserError(f"{model_dir}: activation {mcfg.act!r} has no exact zeros; pass --cett 0.2 to define "
                         "active neurons by output magnitude (ReLU² paper's CETT), or convert it with ProSparse first")
     if pcfg.block_len > mcfg.max_seq_len:
         raise UserError(f"--block-len {pcfg.block_len} exceeds the model's max_position_embeddings {mcfg.max_seq_len}")
     return md, files, out
+
+
+def active_mask(ffn, x: torch.Tensor) -> torch.Tensor:
+    """Which neurons of a layer are active for each token of x = ffn_norm(h) (N, d): (N, f) bool for a dense
+    FFN; for a mixture of experts (N, E * f), expert-major (expert e's neuron i is column e * f + i), True only
+    in the token's routed experts (the router as the engine computes it, `model.route`)."""
+    from hybrid_runtime.model import MoEFeedForward, route
+    if not isinstance(ffn, MoEFeedForward):
+        return ffn.activation.active(F.linear(x, ffn.gate), F.linear(x, ffn.up))
+    _, chosen = route(x, ffn.router, ffn.top_k)                       # (N, k)
+    n_exp, f = len(ffn.experts), ffn.experts[0].gate.shape[0]
+    mask = torch.zeros(x.shape[0], n_exp, f, dtype=torch.bool, device=x.device)
+    for e, expert in enumerate(ffn.experts):
+        token = (chosen == e).any(dim=1).nonzero().squeeze(1)         # (n_e,)
+        if token.numel():
+            xe = x[token]
+            mask[token, e] = expert.activation.active(F.linear(xe, expert.gate), F.linear(xe, expert.up))
+    return mask.view(x.shape[0], n_exp * f)
 
 
 def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: ProfileConfig,
@@ -213,7 +236,8 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
     if n_blocks < pcfg.tokens // T:  # (a request that is not a multiple of block_len is rounded down)
         log(f"note: the data holds only {n_tokens} tokens in {n_blocks} blocks of {T} "
             f"(asked for {pcfg.tokens}); profiling all of them")
-    L, d, f = mcfg.n_layers, mcfg.dim, mcfg.ffn_dim
+    # a mixture of experts is profiled as one FFN of E * f neurons, expert-major (see _active_mask)
+    L, d, f = mcfg.n_layers, mcfg.dim, mcfg.layer_neurons
 
     # which token positions (flat over the blocks) become samples: fixed by the seed, so resumable
     k = min(pcfg.samples_per_layer, n_tokens)
@@ -240,13 +264,12 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
 
     def hook(i: int, ffn, args, output) -> None:
         h = args[0]                                                   # (B, T, d)
-        x = ffn.norm(h)
-        g, u = F.linear(x, ffn.gate), F.linear(x, ffn.up)             # (B, T, f)
+        x = ffn.norm(h).reshape(-1, d)                                # (B*T, d)
         if eps is None:
-            mask = ffn.activation.active(g, u)
+            mask = active_mask(ffn, x)                                # (B*T, f)
         else:
+            g, u = F.linear(x, ffn.gate), F.linear(x, ffn.up)         # (B*T, f)
             mask = magnitude_active(ffn.activation(g.float(), u.float()), down_norms[i], eps[i])
-        mask = mask.reshape(-1, f)                                    # (B*T, f)
         counts[i] += mask.sum(0)
         rows = batch_sel[0]
         if len(rows):
@@ -300,7 +323,8 @@ def run_profile(model_path: str, data_files: list[str], out_dir: str, pcfg: Prof
     profile = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "model": str(model_dir.resolve()),
-        "model_config": {"dim": d, "ffn_dim": f, "n_layers": L, "act": mcfg.act,
+        "model_config": {"dim": d, "ffn_dim": f, "n_experts": mcfg.n_experts, "expert_ffn_dim": mcfg.ffn_dim,
+                         "n_layers": L, "act": mcfg.act,
                          "act_threshold": mcfg.act_threshold, "architecture": mcfg.architecture},
         "data": {"files": [str(p) for p in files], "tokens": n_tokens, "tokens_requested": pcfg.tokens,
                  "block_len": T, "blocks": n_blocks, "split": pcfg.split},

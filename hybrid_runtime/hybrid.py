@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from hybrid_runtime import kernels
 from hybrid_runtime.activations import Activation
 from hybrid_runtime.cpu_ffn import ColdFFN, ColdRows
-from hybrid_runtime.model import RMSNorm
+from hybrid_runtime.model import RMSNorm, route
 
 
 class CpuStaging:
@@ -190,6 +190,80 @@ class PredictedHybridFFN(HybridFFN):
                                   self.activation.name, self.activation.threshold)
 
 
+class HybridMoEFFN(nn.Module):
+    """Mixture of experts, hybrid: the router and each expert's hot rows [0, k_e) on the device, each expert's
+    cold rows [k_e, f) in CPU memory. Exact mode (no predictor) equals the dense `MoEFeedForward`; with a
+    predictor (outputs for all E * f neurons, expert-major) only the predicted neurons of the routed experts
+    are computed.
+
+    A step: x = ffn_norm(h); the routing (`model.route`, the dense MoE's function) and the predictor's mask;
+    one deliberate host sync for them (which experts run on which tokens decides the shapes, as in the
+    dense MoE); the hot rows of every routed expert queued on the device; then on the CPU each routed
+    expert's cold rows over its tokens (the union of their predicted cold neurons); y adds
+    weight * (hot + cold) per expert, in expert order as the dense MoE adds.
+    """
+
+    def __init__(self, norm: RMSNorm, router: torch.Tensor, top_k: int,
+                 hot: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cold: list[ColdRows | None],
+                 activation: Activation, predictor: nn.Module | None = None, predictor_reads_residual: bool = False):
+        super().__init__()
+        self.norm, self.top_k, self.activation = norm, top_k, activation
+        self.router = nn.Parameter(router, requires_grad=False)                 # (E, d)
+        self.hot = nn.ParameterList(nn.Parameter(t, requires_grad=False) for rows in hot for t in rows)
+        self.n_hot = [rows[0].shape[0] for rows in hot]
+        self.ffn_dim = hot[0][0].shape[0] + (cold[0].n_rows if cold[0] is not None else 0)
+        self.cold = [ColdFFN(c, activation) if c is not None and c.n_rows else None for c in cold]
+        self.all_cold = [np.arange(c.cold.n_rows, dtype=np.int32) if c is not None else None for c in self.cold]
+        self.predictor, self.reads_residual = predictor, predictor_reads_residual
+
+    def hot_rows(self, e: int):
+        return self.hot[3 * e], self.hot[3 * e + 1], self.hot[3 * e + 2]                 # (k_e, d) each
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, d = h.shape
+        h = h.view(B * T, d)
+        x = self.norm(h)                                                                  # (N, d)
+        weights, chosen = route(x, self.router, self.top_k)                              # (N, k), (N, k)
+        keep = None
+        if self.predictor is not None:
+            keep = self.predictor(h if self.reads_residual else x) > self.predictor.threshold  # (N, E*f)
+        # deliberate host sync: the routing (and the predicted neurons) decide what runs where
+        chosen_host = chosen.cpu().numpy()
+        keep_host = keep.cpu().numpy() if keep is not None and any(self.cold) else None
+        x_host = x.float().cpu().numpy() if any(self.cold) else None
+        f = self.ffn_dim
+        parts = []
+        for e in range(len(self.cold)):
+            token, slot = np.nonzero(chosen_host == e)                                     # (n_e,), (n_e,)
+            if not len(token):
+                continue
+            tok = torch.from_numpy(token).to(x.device)
+            gate, up, down = self.hot_rows(e)
+            a = self.activation(F.linear(x[tok], gate), F.linear(x[tok], up))             # (n_e, k_e): queued
+            if keep is not None:
+                a = a * keep[tok, e * f:e * f + self.n_hot[e]]
+            parts.append((e, token, tok, slot, a @ down))
+        ys = []
+        for e, token, tok, slot, y_hot in parts:                                          # CPU, as the device works
+            cold = self.cold[e]
+            if cold is None:
+                ys.append(y_hot)
+                continue
+            active = (self.all_cold[e] if keep_host is None else
+                      np.flatnonzero(keep_host[token, e * f + self.n_hot[e]:(e + 1) * f].any(axis=0)).astype(np.int32))
+            xe = np.ascontiguousarray(x_host[token])
+            y_cold = np.empty_like(xe)
+            if len(token) == 1:
+                cold.decode(xe[0], active, y_cold[0])
+            else:
+                cold.batch(xe, active, y_cold)
+            ys.append(y_hot + torch.from_numpy(y_cold).to(y_hot.device, y_hot.dtype))
+        y = torch.zeros_like(x)
+        for (e, token, tok, slot, _), y_e in zip(parts, ys):
+            y.index_add_(0, tok, (y_e * weights[tok, torch.from_numpy(slot).to(x.device), None]).to(y.dtype))
+        return y.view(B, T, d)
+
+
 class ReferenceFFN(nn.Module):
     """What the hybrid modes compute, token by token, with dense torch ops: the reference the sparse
     paths are tested against and the evaluation's FFN (`hybrid-convert eval --mode`).
@@ -229,6 +303,38 @@ class ReferenceFFN(nn.Module):
         return a @ ffn.down                                                   # (B, T, d)
 
 
+class ReferenceMoEFFN(ReferenceFFN):
+    """`ReferenceFFN` for a mixture of experts (`model.MoEFeedForward`): the same modes inside each token's
+    routed experts (the predictor's outputs are expert-major, E * f), added as the dense MoE adds them.
+    `counts` are over all E * f neurons of the layer: a token's unrouted experts count as not computed."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        ffn = self.ffn
+        B, T, d = h.shape
+        x = ffn.norm(h).view(B * T, d)                                        # (N, d)
+        weights, chosen = route(x, ffn.router, ffn.top_k)                     # (N, k)
+        pred_all = None
+        if self.predictor is not None:
+            pred_all = self.predictor(h.view(B * T, d) if self.reads_residual else x) > self.predictor.threshold
+        f = ffn.experts[0].gate.shape[0]
+        y = torch.zeros_like(x)
+        stats = torch.zeros(5, dtype=torch.float64)
+        stats[0] = B * T
+        for e, expert in enumerate(ffn.experts):
+            token, slot = torch.where(chosen == e)                            # (n_e,), (n_e,)
+            if token.numel() == 0:
+                continue
+            g, u = F.linear(x[token], expert.gate), F.linear(x[token], expert.up)   # (n_e, f)
+            a = self.activation(g, u)
+            active = self.sparse(g, u) != 0
+            pred = pred_all[token, e * f:(e + 1) * f] if pred_all is not None else torch.ones_like(active)
+            a = a * pred
+            stats[1:] += torch.stack([(a != 0).sum(), active.sum(), pred.sum(), (pred & active).sum()]).double().cpu()
+            y.index_add_(0, token, ((a @ expert.down) * weights[token, slot, None]).to(y.dtype))
+        self.counts += stats
+        return y.view(B, T, d)
+
+
 def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype: torch.dtype | None = None,
                        mode: str = "predictor", cold_format: str | None = None, max_tokens: int = 512):
     """Load a hybrid model directory with layer l's rows [0, hot_counts[l]) on `device` in `dtype`
@@ -237,6 +343,7 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     in `dtype`: with the defaults (the checkpoint's dtype, or float32 on the CPU) a float16
     checkpoint's cold fp16 rows are its own bits.
 
+    A mixture of experts: hot_counts[l] lists each expert's hot prefix (HybridMoEFFN).
     mode "predictor" uses the stored predictors; "exact" computes true activations.
     """
     from hybrid_runtime.errors import UserError
@@ -244,7 +351,6 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     from hybrid_runtime.model_dir import open_model_dir
 
     md = open_model_dir(path)
-    md.config.require_dense_ffn("the hybrid runtime")
     if md.hybrid is None:
         raise UserError(f"{md.path}: not a hybrid model directory (no hybrid.json)")
     if mode not in ("predictor", "exact"):
@@ -258,7 +364,12 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     if not all(a.has_exact_zeros for a in activations):
         raise UserError(f"{md.path}: activation {cfg.act!r} has no exact zeros and hybrid.json defines no magnitude "
                         "cut; profile it with --cett and re-pack, or convert it with `hybrid-convert prosparse`")
-    if len(hot_counts) != cfg.n_layers or any(not 0 <= k <= cfg.ffn_dim for k in hot_counts):
+    if cfg.n_experts:
+        if len(hot_counts) != cfg.n_layers or any(not isinstance(ks, (list, tuple)) or len(ks) != cfg.n_experts
+                                                  or any(not 0 <= k <= cfg.ffn_dim for k in ks) for ks in hot_counts):
+            raise UserError(f"hot neuron counts must be {cfg.n_layers} lists of {cfg.n_experts} values in "
+                            f"[0, {cfg.ffn_dim}]")
+    elif len(hot_counts) != cfg.n_layers or any(not 0 <= k <= cfg.ffn_dim for k in hot_counts):
         raise UserError(f"hot neuron counts must be {cfg.n_layers} values in [0, {cfg.ffn_dim}]")
     run_dtype = dtype or md.dtype
     # memory-mapped where possible; in host memory first, the device parts move below
@@ -269,6 +380,18 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
         predictors = PredictorSet.load(predictors_file, device=device, dtype=run_dtype)
         if len(predictors) != cfg.n_layers:
             raise UserError(f"{predictors_file}: {len(predictors)} layers, the model has {cfg.n_layers}")
+    if cfg.n_experts:
+        for i, layer in enumerate(model.layers):
+            ffn = layer.ffn
+            parts = [(ex, k) for ex, k in zip(ffn.experts, hot_counts[i])]
+            layer.ffn = HybridMoEFFN(
+                ffn.norm.to(device), ffn.router.data.to(device), ffn.top_k,
+                [tuple(t[:k].to(device) for t in (ex.gate.data, ex.up.data, ex.down.data)) for ex, k in parts],
+                [ColdRows.from_torch(ex.gate.data[k:], ex.up.data[k:], ex.down.data[k:], fmt=cold_format)
+                 if k < cfg.ffn_dim else None for ex, k in parts],
+                activations[i], predictor=None if predictors is None else predictors.layers[i],
+                predictor_reads_residual=predictors is not None and predictors.input_kind == "residual")
+        return _non_ffn_to(model, device)
     max_cold = max(cfg.ffn_dim - k for k in hot_counts)
     use_kernels = (device.type == "cuda" and run_dtype in (torch.float16, torch.bfloat16)
                    and kernels.cuda_kernels_ready())
@@ -291,13 +414,17 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
             layer.ffn = PredictedHybridFFN(*args, use_kernels=use_kernels, predictor=predictors.layers[i],
                                            predictor_reads_residual=predictors.input_kind == "residual",
                                            n_hot=k)
-    # everything that is not a cold row goes to the device
+    return _non_ffn_to(model, device)
+
+
+def _non_ffn_to(model, device: torch.device):
+    """Everything that is not an FFN part (those are placed already) to the device."""
     model.tok_embeddings.to(device)
     model.norm.to(device)
     model.output.to(device)
     for layer in model.layers:
         layer.attn_norm.to(device)
         layer.attn.to(device)
-    if cfg.tie_embeddings:
+    if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model

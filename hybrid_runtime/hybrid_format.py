@@ -1,7 +1,7 @@
 """Writing a hybrid model directory: versioned, self-describing, neurons sorted most-frequent-first.
 
 The layout is documented in model_dir.py, which reads it. Any GPU budget is then a per-layer
-prefix: hot = rows [0, k_l), cold = rows [k_l, f). The format name and version are also in
+prefix: hot = rows [0, k_l), cold = rows [k_l, f) (a mixture of experts: a prefix per expert, k_le). The format name and version are also in
 model.safetensors' header metadata.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     src = open_model_dir(source_dir)
-    src.config.require_dense_ffn("hybrid-convert pack")
     hf_cfg = src.hf_config
     src_dtype = src.dtype
     model = load_model(src, device="cpu", dtype=src_dtype)   # the checkpoint's own dtype, bit for bit
@@ -46,6 +45,9 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
     if not cfg.activation.has_exact_zeros and not magnitude:
         raise UserError(f"{source_dir}: the model uses SiLU (no exact zeros); profile it with --cett (magnitude "
                         "sparsity) or convert it with `hybrid-convert prosparse` first")
+    if magnitude and cfg.n_experts:
+        raise UserError(f"{source_dir}: magnitude (CETT) activity is for one dense FFN per layer; this model has "
+                        f"{cfg.n_experts} experts")
     if magnitude:
         eps = activity.get("magnitude_thresholds")
         if cfg.act != "silu":
@@ -67,14 +69,19 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
             state[f"layers.{i}.ffn.up"] = (up.double() * norm).to(up.dtype)
             state[f"layers.{i}.ffn.down"] = (down.double() / safe).to(down.dtype)
     stats: dict[str, torch.Tensor] = {}
+    f = cfg.ffn_dim
     for i, freq in enumerate(frequencies):
-        if len(freq) != cfg.ffn_dim:
-            raise UserError(f"profile layer {i} has {len(freq)} neurons but the model has {cfg.ffn_dim}")
-        order = frequency_order(freq)
+        if len(freq) != cfg.layer_neurons:
+            raise UserError(f"profile layer {i} has {len(freq)} neurons but the model has {cfg.layer_neurons}")
+        # a mixture of experts: each expert's rows sorted on their own (the router picks whole experts), the
+        # layer's order expert-major as the profile numbers them
+        prefixes = ([f"layers.{i}.ffn.experts.{e}." for e in range(cfg.n_experts)] if cfg.n_experts
+                    else [f"layers.{i}.ffn."])
+        order = np.concatenate([e * f + frequency_order(freq[e * f:(e + 1) * f]) for e in range(len(prefixes))])
         perm = torch.from_numpy(order)
-        for part in ("gate", "up", "down"):
-            key = f"layers.{i}.ffn.{part}"
-            state[key] = state[key][perm].contiguous()
+        for e, prefix in enumerate(prefixes):
+            for part in ("gate", "up", "down"):
+                state[prefix + part] = state[prefix + part][perm[e * f:(e + 1) * f] - e * f].contiguous()
         stats[f"layers.{i}.frequency"] = torch.from_numpy(np.asarray(freq, np.float32)[order].copy())
         stats[f"layers.{i}.source_index"] = perm.clone()
         if predictors is not None:
@@ -98,7 +105,7 @@ def pack_hybrid_model(source_dir: Path, out_dir: Path, frequencies: list[np.ndar
         # which neurons are active: exact zeros of the activation, or |a| above a per-layer cut (CETT)
         "activity": ({"kind": "magnitude", "cett": activity.get("cett"), "thresholds": [float(e) for e in eps],
                       "rows": "up scaled by ||down||, down unit-norm"} if magnitude else {"kind": "exact_zero"}),
-        "n_layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim,
+        "n_layers": cfg.n_layers, "dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "n_experts": cfg.n_experts,
         "dtype": str(src_dtype).replace("torch.", ""),
         "weights": "model.safetensors", "neuron_stats": "neuron_stats.safetensors",
         "predictors": "predictors.safetensors" if predictors is not None else None,

@@ -74,6 +74,12 @@ class ModelConfig:
         self.logit_scale = (self.dim_model_base / self.dim) if self.dim_model_base else 1.0
 
     @property
+    def layer_neurons(self) -> int:
+        """FFN neurons per layer: f, or E * f for a mixture of experts (numbered expert-major: expert e's
+        neuron i is e * f + i; the profile's, the predictors' and the placement's view of an MoE layer)."""
+        return self.ffn_dim * max(self.n_experts, 1)
+
+    @property
     def activation(self) -> Activation:
         return Activation(self.act, self.act_threshold)
 
@@ -361,6 +367,14 @@ class Expert(nn.Module):
         return a @ self.down                                               # (n, d)
 
 
+def route(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's routing of x (N, d) by router (E, d): softmax over all experts in fp32, the top-k, their
+    weights renormalised to sum 1 -> (weights (N, k) fp32, chosen experts (N, k))."""
+    probs = F.softmax(F.linear(x, router).float(), dim=-1)                       # (N, E)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)                           # (N, k)
+    return weights / weights.sum(dim=-1, keepdim=True), chosen
+
+
 class MoEFeedForward(nn.Module):
     """Mixtral's sparse MoE FFN: router logits -> softmax over all experts (fp32) -> top-k -> the k weights
     renormalised to sum 1; each token's output is the weighted sum of its k experts' gated FFNs.
@@ -379,9 +393,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, d = h.shape
         x = self.norm(h).view(B * T, d)                                           # (N, d)
-        probs = F.softmax(F.linear(x, self.router).float(), dim=-1)              # (N, E)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)                  # (N, k)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = route(x, self.router, self.top_k)                      # (N, k), (N, k)
         y = torch.zeros_like(x)
         # deliberate host sync: which experts got tokens, and which tokens (data-dependent shapes)
         hit = torch.bincount(chosen.flatten(), minlength=len(self.experts)).nonzero().flatten().tolist()

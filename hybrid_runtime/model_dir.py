@@ -15,10 +15,12 @@ The hybrid model directory (format `hybrid-runtime-model`, version 1):
                               "thresholds": [per-layer cut]} (activations.py: rows rescaled for it)
     config.json, tokenizer*   copied from the source checkpoint
     model.safetensors         native tensor names (loading.HF_TO_NATIVE), FFN rows permuted per layer
-                              by activation frequency (descending); gate/up/down (f, d)
-    neuron_stats.safetensors  layers.{i}.frequency (f,) fp32 sorted descending,
-                              layers.{i}.source_index (f,) int64: original neuron of each row
-    predictors.safetensors    hybrid_runtime/predictor.py format, outputs in the permuted order
+                              by activation frequency (descending); gate/up/down (f, d); a mixture of
+                              experts: each expert's rows permuted on their own
+    neuron_stats.safetensors  layers.{i}.frequency (F,) fp32, sorted descending (per expert),
+                              layers.{i}.source_index (F,) int64: original neuron of each row;
+                              F = f, or E * f expert-major for a mixture of experts ("n_experts" E)
+    predictors.safetensors    hybrid_runtime/predictor.py format, F outputs in the permuted order
 """
 from __future__ import annotations
 

@@ -251,18 +251,46 @@ def test_metrics(p: LayerPredictor, data: LayerData, ffn: torch.nn.Module | None
     """Reported metrics on the test split at the predictor's threshold, plus the full trade-off curve."""
     logits, true = predict_logits(p, data.x["test"]), data.labels("test")
     pred = logits > p.threshold
+    a = down = None
+    if ffn is not None:
+        x = norm_fn(ffn, data.h_test.device)(data.h_test.float())  # the FFN's own input, whatever the predictor reads
+        a, down, routed = layer_activation(ffn, x)
+        if routed is not None:   # experts a token is not routed to never run: those predictions cost nothing
+            pred, logits = pred & routed, logits.masked_fill(~routed, float("-inf"))
     out = mask_metrics(pred, true)
     out["density_ratio"] = out["pred_density"] / out["true_density"] if out["true_density"] else None
-    out["ffn_rel_err"] = None
-    if ffn is not None:
-        dev = data.h_test.device
-        x = norm_fn(ffn, dev)(data.h_test.float())  # the FFN's own input, whatever the predictor reads
-        gate, up, down = (ffn.gate.to(dev, torch.float32), ffn.up.to(dev, torch.float32),
-                          ffn.down.to(dev, torch.float32))
-        a = ffn.activation(F.linear(x, gate), F.linear(x, up))  # (n, f)
-        out["ffn_rel_err"] = ffn_output_rel_error(a, down, true, pred)
+    out["ffn_rel_err"] = None if a is None else ffn_output_rel_error(a, down, true, pred)
     out["curve"] = recall_density_curve(logits, true)
     return out
+
+
+def layer_activation(ffn: torch.nn.Module, x: torch.Tensor):
+    """A layer's activation values over all its neurons for x = ffn_norm(h) (n, d), in float32 on x's device:
+    (a (n, F), down rows (F, d), routed (n, F) bool or None). For a mixture of experts the neurons are
+    expert-major (E * f) and a is zero outside each token's routed experts (`routed`)."""
+    from hybrid_runtime.model import MoEFeedForward, route
+    dev = x.device
+
+    def rows(m):
+        return (m.gate.to(dev, torch.float32), m.up.to(dev, torch.float32), m.down.to(dev, torch.float32))
+
+    if not isinstance(ffn, MoEFeedForward):
+        gate, up, down = rows(ffn)
+        return ffn.activation(F.linear(x, gate), F.linear(x, up)), down, None
+    _, chosen = route(x, ffn.router.to(dev, torch.float32), ffn.top_k)          # (n, k)
+    experts = [rows(e) for e in ffn.experts]
+    a = torch.cat([ffn.activation(F.linear(x, g), F.linear(x, u)) for g, u, _ in experts], dim=1)  # (n, E*f)
+    f = experts[0][0].shape[0]
+    hit = (chosen[:, :, None] == torch.arange(len(experts), device=dev)).any(dim=1)  # (n, E)
+    routed = hit.repeat_interleave(f, dim=1)                                        # (n, E*f)
+    return a * routed, torch.cat([d for _, _, d in experts]), routed
+
+
+def layer_neurons(ffn: torch.nn.Module) -> tuple[int, int]:
+    """(F, d): a layer's FFN neurons (all experts) and the model width."""
+    if hasattr(ffn, "experts"):
+        return len(ffn.experts) * ffn.experts[0].gate.shape[0], ffn.experts[0].gate.shape[1]
+    return tuple(ffn.gate.shape)
 
 
 def choose_input_kind(reader: SampleReader, ffns: list, cfg: TrainConfig, ranks: list[int],
@@ -312,8 +340,8 @@ def train_all(reader: SampleReader, ffns: list, cfg: TrainConfig, work_dir: Path
     if len(ffns) != L:
         raise UserError(f"samples have {L} layers but the model has {len(ffns)}")
     for i, ffn in enumerate(ffns):
-        if ffn is not None and tuple(ffn.gate.shape) != (f, d):
-            raise UserError(f"layer {i}: model FFN is {tuple(ffn.gate.shape)} but samples are (f={f}, d={d}): "
+        if ffn is not None and layer_neurons(ffn) != (f, d):
+            raise UserError(f"layer {i}: model FFN is {layer_neurons(ffn)} but samples are (f={f}, d={d}): "
                             "profile and model do not match")
     ranks = list(cfg.ranks) if cfg.ranks else auto_ranks(d, f, cfg.max_param_frac)
     work_dir.mkdir(parents=True, exist_ok=True)
