@@ -175,7 +175,7 @@ def hybrid_min_budget_for(cfg, predictor_file_bytes: int, context: int) -> int:
     from hybrid_runtime.placement import ModelShape, solve_placement
     from hybrid_runtime.session import WORKSPACE_BYTES
     pred = predictor_file_bytes // cfg.n_layers // 2
-    p = solve_placement(ModelShape.from_config(cfg), [np.zeros(cfg.ffn_dim)] * cfg.n_layers, 2 ** 62,
+    p = solve_placement(ModelShape.from_config(cfg), [np.zeros(cfg.layer_neurons)] * cfg.n_layers, 2 ** 62,
                         context=context, predictor_bytes=pred, workspace_bytes=WORKSPACE_BYTES)
     return int(sum(p.fixed_bytes.values()))
 

@@ -18,7 +18,7 @@ class SelectionCounter:
         self.layers = []
         for i, layer in enumerate(model.layers):
             ffn = layer.ffn
-            if not hasattr(ffn, "predictor"):
+            if not hasattr(ffn, "predictor") or not hasattr(ffn, "select"):   # (the hybrid MoE is not counted)
                 continue
             acc = torch.zeros(2, dtype=torch.float64, device=ffn.hot_gate.device)
             orig = ffn.select

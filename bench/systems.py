@@ -346,6 +346,8 @@ def _hybrid_limit(ctx: Ctx, lm, counts: list[tuple], gpu: bool) -> Limit:
     counts per layer: (hot selected, cold selected) in predictor mode, a selected neuron costing its gate row
     and, at the predictors' precision, its up and down rows; (0, cold rows, firing cold rows) in exact mode."""
     model, cfg = lm.model, ctx.cfg
+    if cfg.n_experts:   # the selection counters and this byte model know one FFN per layer
+        return Limit(model="none yet for the hybrid mixture of experts")
     bw = ctx.bw
     prec = ctx.predictor_precision if ctx.predictor_precision is not None else 1.0
     rows_per_selected = 1 + 2 * prec     # gate always; up + down when it fires
@@ -385,14 +387,17 @@ def _hybrid_info(lm, counts) -> dict:
     if p is not None:
         info.update({"hot_fraction": p.hot_fraction, "gpu_share_expected": p.gpu_share,
                      "gpu_bytes_planned": p.gpu_bytes, "cpu_bytes": p.cpu_bytes})
-    hot = [getattr(layer.ffn, "hot_gate", None) for layer in lm.model.layers]
-    info["hot_neurons"] = int(sum(h.shape[0] for h in hot if h is not None))
-    info["ffn_neurons"] = cfg.ffn_dim * cfg.n_layers
-    ffn0 = lm.model.layers[0].ffn
-    hot_ffn = getattr(ffn0, "hot_ffn", None)
-    info["hot_path"] = getattr(hot_ffn, "__name__", "?")
-    cold = [getattr(layer.ffn, "cold", None) for layer in lm.model.layers]
-    cold = [c for c in cold if c is not None]
+    ffns = [layer.ffn for layer in lm.model.layers]
+    if cfg.n_experts:       # HybridMoEFFN: a hot prefix and cold rows per expert
+        info["hot_neurons"] = int(sum(sum(ffn.n_hot) for ffn in ffns))
+        info["hot_path"] = "torch (mixture of experts)"
+        cold = [c for ffn in ffns for c in ffn.cold if c is not None]
+    else:
+        hot = [getattr(ffn, "hot_gate", None) for ffn in ffns]
+        info["hot_neurons"] = int(sum(h.shape[0] for h in hot if h is not None))
+        info["hot_path"] = getattr(getattr(ffns[0], "hot_ffn", None), "__name__", "?")
+        cold = [c for c in (getattr(ffn, "cold", None) for ffn in ffns) if c is not None]
+    info["ffn_neurons"] = cfg.layer_neurons * cfg.n_layers
     if cold:
         info["cold_format"] = cold[0].cold.fmt
     if lm.device.type == "cuda":

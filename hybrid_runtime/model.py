@@ -86,9 +86,8 @@ class ModelConfig:
     def require_dense_ffn(self, what: str) -> None:
         """UserError for a mixture-of-experts model where only one dense FFN per layer is supported yet."""
         if self.n_experts:
-            raise UserError(f"{what}: {self.architecture} (mixture of experts, {self.n_experts} experts) runs in the "
-                            "dense engine only so far (hybrid-run --dense); profiling, conversion and the hybrid "
-                            "modes need one dense FFN per layer")
+            raise UserError(f"{what}: {self.architecture} (mixture of experts, {self.n_experts} experts) is not "
+                            "supported here yet; this needs one dense FFN per layer")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":

@@ -250,3 +250,15 @@ def test_eval_modes_report_moe_perplexity_and_match_the_runtime(moe):
         m.setup_cache(1, 32)
     with torch.no_grad():
         torch.testing.assert_close(runtime(ids, torch.arange(32)), ref(ids, torch.arange(32)), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_runs_the_hybrid_moe_on_the_cpu(moe, tmp_path):
+    """`hybrid-run bench` on a hybrid Mixtral directory: both CPU hybrid modes run; exact gives dense's tokens."""
+    import bench.run_bench as rb
+    res = rb.run_bench(rb.BenchOptions(model=str(moe["out"]), systems="dense-cpu,hybrid-cpu,hybrid-cpu-exact",
+                                       prompt_tokens=8, new_tokens=6, runs=1, sweep="none", work=str(tmp_path / "w"),
+                                       out=str(tmp_path / "o")))
+    rows = {r["system"]: r for r in res["systems"]}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["hybrid-cpu-exact"]["same_tokens_as_dense"] == rows["hybrid-cpu-exact"]["new_tokens"] == 6
+    assert rows["hybrid-cpu"]["info"]["ffn_neurons"] == 2 * E * F_DIM
