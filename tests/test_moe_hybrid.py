@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
