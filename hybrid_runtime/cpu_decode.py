@@ -22,6 +22,9 @@ The FFN of each layer is what the model's FFN module is:
   W2 z + b2 > threshold) picks the candidate rows, then the same kernel over those rows only.
 - `MoEFeedForward` (Mixtral): router logits -> softmax -> top-k (ties to the lower expert, as torch.topk) ->
   weights renormalised; the chosen experts' dense FFNs, added in expert order (as the forward adds them).
+- `HybridMoEFFN` with every row cold (a hybrid Mixtral on the CPU): the same routing, then each chosen
+  expert's cold rows through the cold kernel: all of them (exact), or the rows its slice of the predictor
+  marks (predictor: relu(W1 x + b1) once a layer, then W2 z + b2 for the chosen experts' rows only).
 A layer is one fused pass: no Python between the predictor and the rows, no allocation per token
 (every buffer is a workspace made once).
 
@@ -55,7 +58,7 @@ from hybrid_runtime.cpu_ffn import (BLOCK_FORMATS, FMT_BF16, FMT_F32, _axpy_row,
                                     block_cold_ffn_decode_kernel, cold_ffn_decode_kernel, quantize_x)
 from hybrid_runtime.errors import log
 
-FFN_DENSE, FFN_EXACT, FFN_PREDICTED, FFN_MOE = 0, 1, 2, 3
+FFN_DENSE, FFN_EXACT, FFN_PREDICTED, FFN_MOE, FFN_MOE_EXACT, FFN_MOE_PREDICTED = 0, 1, 2, 3, 4, 5
 _ROWS_PER_TASK = 16  # matrix-vector rows per parallel task: 4 streams of 4 rows
 
 
@@ -249,9 +252,22 @@ def _dense_ffn(gate, up, down, fmt, x, act, threshold, a, partial, y):
 def _predict(w1, b1, w2, b2, threshold, x, z, logits, rows):
     """Candidate rows of one layer: relu(w1 x + b1) -> w2 z + b2 > threshold. Returns how many of
     `rows` (int32 workspace) are filled, in increasing order."""
+    _predictor_hidden(w1, b1, x, z)
+    return _predicted_rows(w2, b2, threshold, z, logits, rows)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _predictor_hidden(w1, b1, x, z):
+    """z = relu(w1 x + b1): the predictor's hidden layer."""
     _matvec(w1, FMT_F32, x, z)
     for i in range(z.shape[0]):
         z[i] = max(z[i] + b1[i], np.float32(0.0))
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _predicted_rows(w2, b2, threshold, z, logits, rows):
+    """The rows i of w2 (n, r) with w2[i] z + b2[i] > threshold into `rows`, in increasing order; returns
+    how many."""
     _matvec(w2, FMT_F32, z, logits)
     n = 0
     for i in range(logits.shape[0]):
@@ -422,6 +438,28 @@ def decode_token_kernel(
                 w = router_p[e]
                 for j in range(d):
                     branch[j] += expert_out[j] * w
+        elif mode == FFN_MOE_EXACT or mode == FFN_MOE_PREDICTED:
+            n_experts = router[layer].shape[0]
+            k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
+            if mode == FFN_MOE_PREDICTED:
+                z = pred_z[:pred_w1[layer].shape[0]]
+                _predictor_hidden(pred_w1[layer], pred_b1[layer], h if pred_reads_residual else xn, z)
+            branch[:] = 0.0
+            for c in range(k):                               # in expert order
+                e = chosen[c]
+                i = layer * n_experts + e
+                f = gate[i].shape[0]
+                if mode == FFN_MOE_PREDICTED:
+                    n = _predicted_rows(pred_w2[layer][e * f:(e + 1) * f], pred_b2[layer][e * f:(e + 1) * f],
+                                        pred_threshold[layer], z, pred_logits[:f], rows)
+                    active = rows[:n]
+                else:
+                    active = all_rows[:f]
+                _ffn_cold(gate[i], up[i], down[i], gate_scale[i], up_scale[i], down_scale[i], fmt[2], xn, active,
+                          act[layer], act_threshold[layer], partial, sparse_work, sparse_idx, xq, dx, xs, expert_out)
+                w = router_p[e]
+                for j in range(d):
+                    branch[j] += expert_out[j] * w
         else:
             if mode == FFN_PREDICTED:
                 n = _predict(pred_w1[layer], pred_b1[layer], pred_w2[layer], pred_b2[layer],
@@ -480,7 +518,7 @@ def unsupported_reason(model) -> str | None:
     """Why `CpuDecodeStep` cannot run this model (None: it can)."""
     import dataclasses
 
-    from hybrid_runtime.hybrid import HybridFFN
+    from hybrid_runtime.hybrid import HybridFFN, HybridMoEFFN
     from hybrid_runtime.model import Attention, Block, FeedForward, MoEFeedForward
     from hybrid_runtime.quant import BlockFeedForward, BlockLinear
     unknown = {f.name for f in dataclasses.fields(model.config)} - HANDLED_CONFIG_FIELDS
@@ -506,6 +544,12 @@ def unsupported_reason(model) -> str | None:
             if ffn.cold is None:
                 return "a layer without cold rows"
             kinds.add((type(ffn).__name__, ffn.cold.cold.gate.dtype))
+        elif isinstance(ffn, HybridMoEFFN):
+            if any(ffn.n_hot):
+                return "hot FFN rows on the CPU (--hot-fraction > 0 on --device cpu)"
+            if any(c is None for c in ffn.cold):
+                return "an expert without cold rows"
+            kinds.add(("HybridMoEFFN", ffn.predictor is not None, ffn.cold[0].cold.gate.dtype))
         elif type(ffn) is FeedForward:
             kinds.add(("FeedForward", ffn.gate.dtype))
         elif type(ffn) is MoEFeedForward:
@@ -539,7 +583,7 @@ class CpuDecodeStep:
     valid until the next call. The model's KV cache must be set up (`setup_cache`) first."""
 
     def __init__(self, model):
-        from hybrid_runtime.hybrid import PredictedHybridFFN
+        from hybrid_runtime.hybrid import HybridMoEFFN, PredictedHybridFFN
         why = unsupported_reason(model)
         if why is not None:
             raise ValueError(f"CpuDecodeStep cannot run this model: {why}")
@@ -557,7 +601,19 @@ class CpuDecodeStep:
         q_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         ffn0 = layers[0].ffn
         hybrid = hasattr(ffn0, "cold")
-        if hybrid:
+        if isinstance(ffn0, HybridMoEFFN):
+            # one entry per (layer, expert) at layer * n_experts + e, as for MoEFeedForward
+            colds = [c.cold for layer in layers for c in layer.ffn.cold]
+            ffn_fmts = [(colds[0].fmt_code,) * 3] * L
+            gate, up, down = ([getattr(c, n) for c in colds] for n in ("gate", "up", "down"))
+            scales = [[getattr(c, n) for c in colds] for n in ("gate_scale", "up_scale", "down_scale")]
+            acts = [layer.ffn.activation for layer in layers]
+            act_codes = [a.kernel_code for a in acts]
+            act_thr = [a.kernel_threshold for a in acts]
+            predicted = ffn0.predictor is not None
+            mode = FFN_MOE_PREDICTED if predicted else FFN_MOE_EXACT
+            f_max = cfg.ffn_dim
+        elif hybrid:
             colds = [layer.ffn.cold.cold for layer in layers]
             ffn_fmts = [(c.fmt_code,) * 3 for c in colds]
             gate, up, down = ([getattr(c, n) for c in colds] for n in ("gate", "up", "down"))
@@ -596,8 +652,10 @@ class CpuDecodeStep:
             b1 = b2 = [np.zeros(0, np.float32)] * L
             thr = np.zeros(L, np.float32)
             reads_residual, r_max = False, 0
-        self.mode = ("dense", "exact", "predictor", "mixture-of-experts")[mode]
-        routers = [_f32(layer.ffn.router) for layer in layers] if mode == FFN_MOE else [np.zeros((0, 0), np.float32)] * L
+        self.mode = ("dense", "exact", "predictor", "mixture-of-experts", "hybrid mixture-of-experts exact",
+                     "hybrid mixture-of-experts predictor")[mode]
+        routers = ([_f32(layer.ffn.router) for layer in layers] if mode in (FFN_MOE, FFN_MOE_EXACT, FFN_MOE_PREDICTED)
+                   else [np.zeros((0, 0), np.float32)] * L)
         n_threads = numba.get_num_threads()
         S = model.max_seq_len
         self._weights = (

@@ -196,11 +196,12 @@ class HybridMoEFFN(nn.Module):
     predictor (outputs for all E * f neurons, expert-major) only the predicted neurons of the routed experts
     are computed.
 
-    A step: x = ffn_norm(h); the routing (`model.route`, the dense MoE's function) and the predictor's mask;
-    one deliberate host sync for them (which experts run on which tokens decides the shapes, as in the
-    dense MoE); the hot rows of every routed expert queued on the device; then on the CPU each routed
-    expert's cold rows over its tokens (the union of their predicted cold neurons); y adds
-    weight * (hot + cold) per expert, in expert order as the dense MoE adds.
+    A step: x = ffn_norm(h); the routing (`model.route`, the dense MoE's function) and the predictor's hidden
+    layer; a deliberate host sync for the routing (which experts run on which tokens decides the shapes, as
+    in the dense MoE); per routed expert its predictor output rows and its hot rows, queued on the device;
+    one more sync for x and the predicted cold rows; then on the CPU each routed expert's cold rows over its
+    tokens (the union of their predicted cold neurons); y adds weight * (hot + cold) per expert, in expert
+    order as the dense MoE adds.
     """
 
     def __init__(self, norm: RMSNorm, router: torch.Tensor, top_k: int,
@@ -224,13 +225,11 @@ class HybridMoEFFN(nn.Module):
         h = h.view(B * T, d)
         x = self.norm(h)                                                                  # (N, d)
         weights, chosen = route(x, self.router, self.top_k)                              # (N, k), (N, k)
-        keep = None
-        if self.predictor is not None:
-            keep = self.predictor(h if self.reads_residual else x) > self.predictor.threshold  # (N, E*f)
-        # deliberate host sync: the routing (and the predicted neurons) decide what runs where
+        p, z = self.predictor, None
+        if p is not None:   # the predictor's hidden layer once; its output rows only for the routed experts
+            z = F.relu(F.linear(h if self.reads_residual else x, p.w1, p.b1))            # (N, r)
+        # deliberate host sync: the routing decides which experts run on which tokens (as in the dense MoE)
         chosen_host = chosen.cpu().numpy()
-        keep_host = keep.cpu().numpy() if keep is not None and any(self.cold) else None
-        x_host = x.float().cpu().numpy() if any(self.cold) else None
         f = self.ffn_dim
         parts = []
         for e in range(len(self.cold)):
@@ -238,28 +237,36 @@ class HybridMoEFFN(nn.Module):
             if not len(token):
                 continue
             tok = torch.from_numpy(token).to(x.device)
+            keep = None if z is None else F.linear(z[tok], p.w2[e * f:(e + 1) * f], p.b2[e * f:(e + 1) * f]) > p.threshold
             gate, up, down = self.hot_rows(e)
             a = self.activation(F.linear(x[tok], gate), F.linear(x[tok], up))             # (n_e, k_e): queued
             if keep is not None:
-                a = a * keep[tok, e * f:e * f + self.n_hot[e]]
-            parts.append((e, token, tok, slot, a @ down))
-        ys = []
-        for e, token, tok, slot, y_hot in parts:                                          # CPU, as the device works
-            cold = self.cold[e]
-            if cold is None:
-                ys.append(y_hot)
-                continue
-            active = (self.all_cold[e] if keep_host is None else
-                      np.flatnonzero(keep_host[token, e * f + self.n_hot[e]:(e + 1) * f].any(axis=0)).astype(np.int32))
-            xe = np.ascontiguousarray(x_host[token])
-            y_cold = np.empty_like(xe)
-            if len(token) == 1:
-                cold.decode(xe[0], active, y_cold[0])
-            else:
-                cold.batch(xe, active, y_cold)
-            ys.append(y_hot + torch.from_numpy(y_cold).to(y_hot.device, y_hot.dtype))
+                a = a * keep[:, :self.n_hot[e]]
+            parts.append((e, token, tok, slot, a @ down, keep))
+        cold_parts = [part for part in parts if self.cold[part[0]] is not None]
+        y_cold = {}
+        if cold_parts:
+            # deliberate host sync: the CPU half's input (and the union of each expert's predicted cold rows)
+            x_host = x.float().cpu().numpy()
+            sel = (None if z is None else
+                   torch.cat([keep[:, self.n_hot[e]:].any(dim=0) for e, *_, keep in cold_parts]).cpu().numpy())
+            at = 0
+            for e, token, *_ in cold_parts:                                                # CPU, as the device works
+                cold, n_cold = self.cold[e], self.cold[e].cold.n_rows
+                active = (self.all_cold[e] if sel is None else
+                          np.flatnonzero(sel[at:at + n_cold]).astype(np.int32))
+                at += n_cold
+                xe = np.ascontiguousarray(x_host[token])
+                out = np.empty_like(xe)
+                if len(token) == 1:
+                    cold.decode(xe[0], active, out[0])
+                else:
+                    cold.batch(xe, active, out)
+                y_cold[e] = out
         y = torch.zeros_like(x)
-        for (e, token, tok, slot, _), y_e in zip(parts, ys):
+        for e, token, tok, slot, y_e, _ in parts:
+            if e in y_cold:
+                y_e = y_e + torch.from_numpy(y_cold[e]).to(y_e.device, y_e.dtype)
             y.index_add_(0, tok, (y_e * weights[tok, torch.from_numpy(slot).to(x.device), None]).to(y.dtype))
         return y.view(B, T, d)
 

@@ -8,6 +8,9 @@ Loss: weighted binary cross-entropy on logits, following the published ProSparse
 Down-weighting negatives by ~p_j balances each neuron's positives against its (1 - p_j)/p_j times
 more numerous negatives, and makes a neuron's total weight ~ 2 n p_j, i.e. proportional to its
 positives, which is what micro-averaged recall counts; the +0.005 keeps never-active neurons in play.
+A mixture of experts (one predictor per layer over its E * f neurons): the runtime asks only about the
+routed experts' neurons, so the loss, p_j (the rate among tokens routed to j's expert) and every metric
+count those only; the predictor never spends capacity on learning the router.
 
 Recipe defaults (ProSparse): samples split 95/5 train/held-out, no bias, AdamW lr 1e-3, batch 1024.
 The held-out 5% is split in two halves: `val` (early stopping, checkpoint choice, rank and threshold
@@ -45,7 +48,7 @@ from hybrid_runtime.errors import UserError
 from predictors.metrics import (ffn_output_rel_error, mask_metrics, recall_density_curve, recall_standard_error,
                                 threshold_for_density, threshold_for_recall)
 from hybrid_runtime.predictor import LayerPredictor, PredictorSet
-from predictors.samples import SampleReader, unpack_mask
+from predictors.samples import SampleReader, pack_mask, unpack_mask
 
 RESIDUAL_MARGIN = 0.02
 RANK_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -90,9 +93,19 @@ class LayerData:
     packed: dict[str, torch.Tensor]  # split -> (n, ceil(f/8)) uint8 labels
     h_test: torch.Tensor             # (n_test, d) the stored x of the test split (for the FFN error)
     ffn_dim: int
+    # a mixture of experts: split -> (n, ceil(F/8)) uint8, the neurons of each sample's routed experts, the
+    # only ones the runtime asks the predictor about (the loss and every metric ignore the others)
+    routed: dict[str, torch.Tensor] | None = None
 
     def labels(self, split: str) -> torch.Tensor:
         return unpack_mask(self.packed[split], self.ffn_dim)
+
+    def logits(self, p: LayerPredictor, split: str) -> torch.Tensor:
+        """The predictor's logits on a split; -inf outside the routed experts (never predicted active)."""
+        logits = predict_logits(p, self.x[split])
+        if self.routed is not None:
+            logits = logits.masked_fill(~unpack_mask(self.routed[split], self.ffn_dim), float("-inf"))
+        return logits
 
 
 def split_rows(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,16 +134,33 @@ def norm_fn(ffn: torch.nn.Module, device: str | torch.device) -> torch.nn.Module
 
 
 @torch.no_grad()
-def load_layer(reader: SampleReader, layer: int, input_fn: Callable, cfg: TrainConfig) -> LayerData:
+def load_layer(reader: SampleReader, layer: int, input_fn: Callable, cfg: TrainConfig,
+               ffn: torch.nn.Module | None = None) -> LayerData:
+    """One layer's samples; `ffn`: the model's FFN module, needed for a mixture of experts (its routing)."""
+    from hybrid_runtime.model import MoEFeedForward
     h, packed = reader.load(layer, cfg.max_samples)
     train, val, test = split_rows(len(h), cfg)
     dev = torch.device(cfg.device)
-    xs, ps = {}, {}
+    moe = isinstance(ffn, MoEFeedForward)
+    norm = norm_fn(ffn, dev) if moe else None
+    xs, ps, routed = {}, {}, {}
     for name, idx in (("train", train), ("val", val), ("test", test)):
         hb = h[idx].to(dev)
         xs[name] = torch.cat([input_fn(hb[i:i + 8192]) for i in range(0, len(hb), 8192)])
         ps[name] = packed[idx].to(dev)
-    return LayerData(x=xs, packed=ps, h_test=h[test].to(dev), ffn_dim=reader.ffn_dim)
+        if moe:
+            routed[name] = torch.cat([torch.from_numpy(pack_mask(routed_neurons(ffn, norm(hb[i:i + 8192].float()))))
+                                      for i in range(0, len(hb), 8192)]).to(dev)
+    return LayerData(x=xs, packed=ps, h_test=h[test].to(dev), ffn_dim=reader.ffn_dim, routed=routed or None)
+
+
+def routed_neurons(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n, E * f) bool: the neurons of each token's routed experts (x = ffn_norm(h), float32)."""
+    from hybrid_runtime.model import route
+    _, chosen = route(x, ffn.router.to(x.device, torch.float32), ffn.top_k)               # (n, k)
+    n_exp, f = len(ffn.experts), ffn.experts[0].gate.shape[0]
+    hit = (chosen[:, :, None] == torch.arange(n_exp, device=x.device)).any(dim=1)        # (n, E)
+    return hit.repeat_interleave(f, dim=1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -143,7 +173,7 @@ def predict_logits(p: LayerPredictor, x: torch.Tensor, block: int = 4096) -> tor
 @torch.no_grad()
 def evaluate(p: LayerPredictor, data: LayerData, split: str, cfg: TrainConfig) -> dict:
     """Recall at the density budget and density at the recall target, on one split."""
-    logits, true = predict_logits(p, data.x[split]), data.labels(split)
+    logits, true = data.logits(p, split), data.labels(split)
     true_density = float(true.float().mean())
     budget = min(1.0, cfg.density_factor * true_density)
     t_budget = threshold_for_density(logits, budget)
@@ -162,12 +192,18 @@ def train_predictor(data: LayerData, rank: int, cfg: TrainConfig, desc: str = ""
     d, f = data.x["train"].shape[1], data.ffn_dim
     p = LayerPredictor(d, f, rank, bias=cfg.bias).to(dev)
     x_tr, m_tr = data.x["train"], data.packed["train"]
+    r_tr = data.routed["train"] if data.routed is not None else None
     n = len(x_tr)
-    # per-neuron positive rate -> weight of negative labels (see module docstring)
-    pos = torch.zeros(f, device=dev)
+    # per-neuron positive rate -> weight of negative labels (see module docstring); a mixture of experts: the
+    # rate among the samples routed to the neuron's expert, and no loss outside the routed experts
+    pos, seen = torch.zeros(f, device=dev), torch.full((f,), float(n), device=dev)
     for i in range(0, n, 8192):
         pos += unpack_mask(m_tr[i:i + 8192], f).sum(0)
-    neg_weight = pos / n + cfg.neg_weight_eps  # (f,)
+    if r_tr is not None:
+        seen.zero_()
+        for i in range(0, n, 8192):
+            seen += unpack_mask(r_tr[i:i + 8192], f).sum(0)
+    neg_weight = pos / seen.clamp(min=1) + cfg.neg_weight_eps  # (f,)
     opt = torch.optim.AdamW(p.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -186,6 +222,8 @@ def train_predictor(data: LayerData, rank: int, cfg: TrainConfig, desc: str = ""
                 xb, yb = x_tr[idx], unpack_mask(m_tr[idx], f)       # (b, d), (b, f)
                 logits = p(xb)                                     # (b, f)
                 w = torch.where(yb, torch.ones_like(neg_weight), neg_weight)
+                if r_tr is not None:
+                    w = w * unpack_mask(r_tr[idx], f)
                 loss = F.binary_cross_entropy_with_logits(logits, yb.float(), weight=w)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -240,7 +278,7 @@ def fit_layer_rank(data: LayerData, ranks: list[int], cfg: TrainConfig, layer: i
 @torch.no_grad()
 def decision_threshold(p: LayerPredictor, data: LayerData, cfg: TrainConfig) -> tuple[float, float]:
     """(threshold, margin): largest threshold with val recall >= target + margin (see module docstring)."""
-    logits, true = predict_logits(p, data.x["val"]), data.labels("val")
+    logits, true = data.logits(p, "val"), data.labels("val")
     t0 = threshold_for_recall(logits, true, cfg.recall_target)
     margin = cfg.recall_margin_se * recall_standard_error(logits > t0, true)
     return threshold_for_recall(logits, true, min(1.0, cfg.recall_target + margin)), margin
@@ -249,14 +287,12 @@ def decision_threshold(p: LayerPredictor, data: LayerData, cfg: TrainConfig) -> 
 @torch.no_grad()
 def test_metrics(p: LayerPredictor, data: LayerData, ffn: torch.nn.Module | None, cfg: TrainConfig) -> dict:
     """Reported metrics on the test split at the predictor's threshold, plus the full trade-off curve."""
-    logits, true = predict_logits(p, data.x["test"]), data.labels("test")
+    logits, true = data.logits(p, "test"), data.labels("test")   # (a mixture of experts: routed experts only)
     pred = logits > p.threshold
     a = down = None
     if ffn is not None:
         x = norm_fn(ffn, data.h_test.device)(data.h_test.float())  # the FFN's own input, whatever the predictor reads
-        a, down, routed = layer_activation(ffn, x)
-        if routed is not None:   # experts a token is not routed to never run: those predictions cost nothing
-            pred, logits = pred & routed, logits.masked_fill(~routed, float("-inf"))
+        a, down, _ = layer_activation(ffn, x)
     out = mask_metrics(pred, true)
     out["density_ratio"] = out["pred_density"] / out["true_density"] if out["true_density"] else None
     out["ffn_rel_err"] = None if a is None else ffn_output_rel_error(a, down, true, pred)
@@ -268,7 +304,7 @@ def layer_activation(ffn: torch.nn.Module, x: torch.Tensor):
     """A layer's activation values over all its neurons for x = ffn_norm(h) (n, d), in float32 on x's device:
     (a (n, F), down rows (F, d), routed (n, F) bool or None). For a mixture of experts the neurons are
     expert-major (E * f) and a is zero outside each token's routed experts (`routed`)."""
-    from hybrid_runtime.model import MoEFeedForward, route
+    from hybrid_runtime.model import MoEFeedForward
     dev = x.device
 
     def rows(m):
@@ -277,12 +313,9 @@ def layer_activation(ffn: torch.nn.Module, x: torch.Tensor):
     if not isinstance(ffn, MoEFeedForward):
         gate, up, down = rows(ffn)
         return ffn.activation(F.linear(x, gate), F.linear(x, up)), down, None
-    _, chosen = route(x, ffn.router.to(dev, torch.float32), ffn.top_k)          # (n, k)
     experts = [rows(e) for e in ffn.experts]
     a = torch.cat([ffn.activation(F.linear(x, g), F.linear(x, u)) for g, u, _ in experts], dim=1)  # (n, E*f)
-    f = experts[0][0].shape[0]
-    hit = (chosen[:, :, None] == torch.arange(len(experts), device=dev)).any(dim=1)  # (n, E)
-    routed = hit.repeat_interleave(f, dim=1)                                        # (n, E*f)
+    routed = routed_neurons(ffn, x)
     return a * routed, torch.cat([d for _, _, d in experts]), routed
 
 
@@ -302,7 +335,8 @@ def choose_input_kind(reader: SampleReader, ffns: list, cfg: TrainConfig, ranks:
     rank = ranks[len(ranks) // 2]
     results = {}
     for kind in ("ffn_norm", "residual"):
-        data = load_layer(reader, layer, make_input_fn(kind, reader.x_kind, norm_fn(ffns[layer], cfg.device)), cfg)
+        data = load_layer(reader, layer, make_input_fn(kind, reader.x_kind, norm_fn(ffns[layer], cfg.device)), cfg,
+                          ffns[layer])
         p, _ = train_predictor(data, rank, cfg, desc=f"probe layer {layer} input={kind} rank {rank}")
         results[kind] = evaluate(p, data, "val", cfg)
     # ffn_norm is what the FFN itself reads (and what the runtime has at hand): the residual input
@@ -371,7 +405,7 @@ def train_all(reader: SampleReader, ffns: list, cfg: TrainConfig, work_dir: Path
             results.append(json.loads(m_path.read_text()))
             continue
         norm = norm_fn(ffns[i], cfg.device) if ffns[i] is not None else None
-        data = load_layer(reader, i, make_input_fn(kind, reader.x_kind, norm), cfg)
+        data = load_layer(reader, i, make_input_fn(kind, reader.x_kind, norm), cfg, ffns[i])
         p, search, met = fit_layer_rank(data, ranks, cfg, i)
         p.threshold, margin = decision_threshold(p, data, cfg)
         res = LayerResult(layer=i, rank=p.rank, threshold=p.threshold, recall_margin=margin, val_target_met=met,

@@ -204,7 +204,7 @@ def test_moe_hybrid_bad_input(moe, tmp_path):
 
 def test_generate_cli_exact_and_predictor_on_a_hybrid_mixtral(moe, capsys, monkeypatch):
     """`hybrid-run generate` on the packed directory: --exact prints the dense checkpoint's text; both hybrid modes
-    say that decode runs eagerly (the one-call CPU decode has no hybrid-MoE FFN yet)."""
+    decode with the one-call CPU step."""
     import sys
     from hybrid_runtime.cli import main_group
     from hybrid_runtime.errors import console_main
@@ -217,7 +217,7 @@ def test_generate_cli_exact_and_predictor_on_a_hybrid_mixtral(moe, capsys, monke
         out, err = capsys.readouterr()
         assert f"mode {flag[2:]}" in err and "decode: 11 steps" in err
         if flag != "--dense":
-            assert "decoding with torch ops" in err
+            assert f"one-call Numba CPU decode (hybrid mixture-of-experts {flag[2:]} FFN" in err
         texts[flag] = out
     assert texts["--exact"] == texts["--dense"]
 
@@ -261,3 +261,17 @@ def test_bench_runs_the_hybrid_moe_on_the_cpu(moe, tmp_path):
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["hybrid-cpu-exact"]["same_tokens_as_dense"] == rows["hybrid-cpu-exact"]["new_tokens"] == 6
     assert rows["hybrid-cpu"]["info"]["ffn_neurons"] == 2 * E * F_DIM
+
+
+@pytest.mark.parametrize("mode,fmt", [("exact", "bf16"), ("predictor", "bf16"), ("exact", "q8_0"),
+                                      ("predictor", "q4_1")])
+def test_one_call_cpu_decode_runs_the_hybrid_moe_as_the_forward_does(moe, mode, fmt):
+    """The one-call CPU decode's hybrid-MoE path (routing, the predictor's hidden layer once and the chosen
+    experts' output rows, each expert's cold rows) against the eager HybridMoEFFN forward, step by step."""
+    from hybrid_runtime.cpu_decode import CpuDecodeStep
+    from test_cpu_decode import compare
+    model = build_hybrid_model(moe["out"], [[0] * E] * 2, torch.device("cpu"), dtype=torch.float32, mode=mode,
+                               cold_format=fmt)
+    model.setup_cache(1, 64)
+    assert CpuDecodeStep(model).mode == f"hybrid mixture-of-experts {mode}"
+    compare(model, steps=10, rtol=1e-4)
