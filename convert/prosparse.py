@@ -418,7 +418,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     source, extra = path, {}
     md = open_model_dir(path)
     if md.is_hybrid:  # native tensor names: translate them back (see _hybrid_state_as_hf)
-        source, extra = None, {"state_dict": _hybrid_state_as_hf(md, cls, config)}
+        source, extra = None, {"state_dict": _hybrid_state_as_hf(md)}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -437,25 +437,22 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | None = torch.float32,
     return model.to(device)
 
 
-def _hybrid_state_as_hf(md, cls, config) -> dict[str, torch.Tensor]:
-    """A hybrid model directory's weights under the HF names (down transposed back to (d, f)).
+def _hybrid_state_as_hf(md) -> dict[str, torch.Tensor]:
+    """A hybrid model directory's weights under the HF names of the hub layout (down transposed back to
+    (d, f)); transformers converts that layout as it converts a checkpoint's files (Mixtral's experts too).
 
     Its FFN neurons are permuted by activation frequency; gate, up and down rows move together,
     so the model computes the same function as the checkpoint it was packed from.
     """
     from safetensors.torch import load_file
 
-    from hybrid_runtime.loading import native_name
-    native = load_file(str(md.hybrid.weights_file))
-    with torch.device("meta"):
-        names = list(cls(config).state_dict())
+    from hybrid_runtime.loading import hf_name
     state = {}
-    for hf_name in names:
-        mapped = native_name(hf_name)
-        if mapped is None or mapped[0] not in native:  # e.g. a tied lm_head: reported as missing later
-            continue
-        t = native[mapped[0]]
-        state[hf_name] = t.t().contiguous() if mapped[1] else t
+    for name, t in load_file(str(md.hybrid.weights_file)).items():
+        mapped = hf_name(name)
+        if mapped is None:
+            raise UserError(f"{md.hybrid.weights_file}: unknown tensor {name!r}")
+        state[mapped[0]] = t.t().contiguous() if mapped[1] else t
     return state
 
 

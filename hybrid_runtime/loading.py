@@ -75,6 +75,23 @@ def native_name(hf_name: str) -> tuple[str, bool] | None:
     return None
 
 
+# the same table read the other way: native template (fields as regex groups) -> HF name built from the pattern
+_INVERTED = [(re.compile("^" + re.escape(template).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\w+)") + "$"),
+              rx.pattern, transpose) for rx, template, transpose in _COMPILED]
+
+
+def hf_name(native: str) -> tuple[str, bool] | None:
+    """Map a native tensor name back to (HF name in the hub layout, needs transpose); None if unknown."""
+    for rx, pattern, transpose in _INVERTED:
+        m = rx.match(native)
+        if m:
+            name = pattern.strip("^$").replace(r"\.", ".")
+            for g in m.groups():
+                name = re.sub(r"\([^)]*\)", g, name, count=1)
+            return name, transpose
+    return None
+
+
 # ----------------------------------------------------------------------------- model names
 
 def resolve_model(name: str | os.PathLike) -> Path:

@@ -275,3 +275,14 @@ def test_one_call_cpu_decode_runs_the_hybrid_moe_as_the_forward_does(moe, mode, 
     model.setup_cache(1, 64)
     assert CpuDecodeStep(model).mode == f"hybrid mixture-of-experts {mode}"
     compare(model, steps=10, rtol=1e-4)
+
+
+def test_a_hybrid_mixtral_directory_loads_back_into_transformers(moe):
+    """`hybrid-convert prosparse` / `eval` read a hybrid directory through transformers: its native names map
+    back to the hub layout (experts' rows permuted, the function unchanged)."""
+    from convert.prosparse import load_hf_model
+    ids = torch.randint(3, 262, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = load_hf_model(moe["src"]).eval()(input_ids=ids).logits
+        b = load_hf_model(moe["out"]).eval()(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -39,6 +39,19 @@ def test_hybrid_dir_contents(hybrid_dir):
     assert r.exit_code == 0 and json.loads(r.stdout)["hybrid.json"]["format"] == "hybrid-runtime-model"
 
 
+def test_hybrid_dir_loads_back_into_transformers(hybrid_dir):
+    """`hybrid-convert prosparse` / `eval` take a hybrid directory: native names map back to HF's, rows permuted,
+    the function unchanged."""
+    import torch
+    from convert.prosparse import load_hf_model
+    src, out = hybrid_dir
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = load_hf_model(src).eval()(input_ids=ids).logits
+        b = load_hf_model(out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def _generate(model, *flags):
     r = CliRunner().invoke(run_cli, ["generate", "--model", str(model), "--prompt", "it was the",
                                      "-n", "24", *flags], catch_exceptions=False)
