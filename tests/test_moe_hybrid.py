@@ -286,3 +286,19 @@ def test_a_hybrid_mixtral_directory_loads_back_into_transformers(moe):
         a = load_hf_model(moe["src"]).eval()(input_ids=ids).logits
         b = load_hf_model(moe["out"]).eval()(input_ids=ids).logits
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in the GPU-run issues)")
+@pytest.mark.parametrize("mode", ["exact", "predictor"])
+def test_hybrid_moe_on_the_gpu_matches_the_cpu(moe, mode):
+    """Hot prefixes on the GPU, cold rows on the CPU: the same logits as the all-CPU model (fp32)."""
+    hot_counts = [[0, 96, 32, 64], [96, 0, 64, 32]]
+    gpu = build_hybrid_model(moe["out"], hot_counts, torch.device("cuda"), dtype=torch.float32, mode=mode)
+    cpu = build_hybrid_model(moe["out"], hot_counts, torch.device("cpu"), dtype=torch.float32, mode=mode)
+    ids = torch.randint(3, 262, (1, 16), generator=torch.Generator().manual_seed(6))
+    for m in (gpu, cpu):
+        m.setup_cache(1, 16)
+    with torch.no_grad():
+        got = gpu(ids.cuda(), torch.arange(16, device="cuda")).cpu()
+        ref = cpu(ids, torch.arange(16))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
