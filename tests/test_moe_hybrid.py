@@ -302,3 +302,23 @@ def test_hybrid_moe_on_the_gpu_matches_the_cpu(moe, mode):
         got = gpu(ids.cuda(), torch.arange(16, device="cuda")).cpu()
         ref = cpu(ids, torch.arange(16))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_benchmark_moe_model_builder(tmp_path, monkeypatch, capsys):
+    """`python -m bench.moe_model`: a random ReLU-family Mixtral written by transformers, made hybrid."""
+    import sys
+    from bench import moe_model
+    (tmp_path / "cal.txt").write_text(make_text(600, seed=9))
+    out = tmp_path / "m"
+    argv = ["moe_model", "--out", str(out), "--data", str(tmp_path / "cal.txt"), "--dim", "64", "--layers", "2",
+            "--ffn-dim", "64", "--experts", "4", "--heads", "4", "--kv-heads", "2", "--tokens", "1024",
+            "--samples-per-layer", "512", "--ranks", "8", "--max-epochs", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    moe_model.main()
+    md = open_model_dir(out / "hybrid")
+    assert (md.config.n_experts, md.config.act, md.dtype) == (4, "drelu", torch.bfloat16)
+    assert md.hybrid.predictors_file is not None
+    monkeypatch.setattr(sys, "argv", argv[:-2] + ["--act", "silu"])      # no exact zeros: one line, exit 2
+    with pytest.raises(SystemExit) as e:
+        moe_model.main()
+    assert e.value.code == 2 and "exact zeros" in capsys.readouterr().err
