@@ -185,14 +185,14 @@ def active_mask(ffn, x: torch.Tensor) -> torch.Tensor:
     """Which neurons of a layer are active for each token of x = ffn_norm(h) (N, d): (N, f) bool for a dense
     FFN; for a mixture of experts (N, E * f), expert-major (expert e's neuron i is column e * f + i), True only
     in the token's routed experts (the router as the engine computes it, `model.route`)."""
-    from hybrid_runtime.model import MoEFeedForward, route
+    from hybrid_runtime.model import MoEFeedForward
     if not isinstance(ffn, MoEFeedForward):
         return ffn.activation.active(F.linear(x, ffn.gate), F.linear(x, ffn.up))
-    _, chosen = route(x, ffn.router, ffn.top_k)                       # (N, k)
+    hit = ffn.routed(x)                                               # (N, E)
     n_exp, f = len(ffn.experts), ffn.experts[0].gate.shape[0]
     mask = torch.zeros(x.shape[0], n_exp, f, dtype=torch.bool, device=x.device)
     for e, expert in enumerate(ffn.experts):
-        token = (chosen == e).any(dim=1).nonzero().squeeze(1)         # (n_e,)
+        token = hit[:, e].nonzero().squeeze(1)                        # (n_e,)
         if token.numel():
             xe = x[token]
             mask[token, e] = expert.activation.active(F.linear(xe, expert.gate), F.linear(xe, expert.up))

@@ -426,19 +426,7 @@ def decode_token_kernel(
             # (pred_logits, (f,), is free in a dense layer: the block FFN's up products)
             _ffn_dense(gate[layer], up[layer], down[layer], fmt, xn, act[layer], act_threshold[layer], ffn_a,
                        pred_logits, partial, branch, xq, dx, xs)
-        elif mode == FFN_MOE:
-            n_experts = router[layer].shape[0]
-            k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
-            branch[:] = 0.0
-            for c in range(k):                               # in expert order
-                e = chosen[c]
-                i = layer * n_experts + e
-                _ffn_dense(gate[i], up[i], down[i], fmt, xn, act[layer], act_threshold[layer], ffn_a, pred_logits,
-                           partial, expert_out, xq, dx, xs)
-                w = router_p[e]
-                for j in range(d):
-                    branch[j] += expert_out[j] * w
-        elif mode == FFN_MOE_EXACT or mode == FFN_MOE_PREDICTED:
+        elif mode == FFN_MOE or mode == FFN_MOE_EXACT or mode == FFN_MOE_PREDICTED:
             n_experts = router[layer].shape[0]
             k = _route(router[layer], xn, top_k, router_p[:n_experts], chosen)
             if mode == FFN_MOE_PREDICTED:
@@ -448,15 +436,21 @@ def decode_token_kernel(
             for c in range(k):                               # in expert order
                 e = chosen[c]
                 i = layer * n_experts + e
-                f = gate[i].shape[0]
-                if mode == FFN_MOE_PREDICTED:
-                    n = _predicted_rows(pred_w2[layer][e * f:(e + 1) * f], pred_b2[layer][e * f:(e + 1) * f],
-                                        pred_threshold[layer], z, pred_logits[:f], rows)
-                    active = rows[:n]
+                if mode == FFN_MOE:
+                    # (pred_logits, (f,), is free here: the block FFN's up products)
+                    _ffn_dense(gate[i], up[i], down[i], fmt, xn, act[layer], act_threshold[layer], ffn_a,
+                               pred_logits, partial, expert_out, xq, dx, xs)
                 else:
-                    active = all_rows[:f]
-                _ffn_cold(gate[i], up[i], down[i], gate_scale[i], up_scale[i], down_scale[i], fmt[2], xn, active,
-                          act[layer], act_threshold[layer], partial, sparse_work, sparse_idx, xq, dx, xs, expert_out)
+                    f = gate[i].shape[0]
+                    if mode == FFN_MOE_PREDICTED:
+                        n = _predicted_rows(pred_w2[layer][e * f:(e + 1) * f], pred_b2[layer][e * f:(e + 1) * f],
+                                            pred_threshold[layer], z, pred_logits[:f], rows)
+                        active = rows[:n]
+                    else:
+                        active = all_rows[:f]
+                    _ffn_cold(gate[i], up[i], down[i], gate_scale[i], up_scale[i], down_scale[i], fmt[2], xn,
+                              active, act[layer], act_threshold[layer], partial, sparse_work, sparse_idx, xq, dx, xs,
+                              expert_out)
                 w = router_p[e]
                 for j in range(d):
                     branch[j] += expert_out[j] * w

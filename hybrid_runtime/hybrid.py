@@ -390,7 +390,7 @@ def build_hybrid_model(path, hot_counts: list[int], device: torch.device, dtype:
     if cfg.n_experts:
         for i, layer in enumerate(model.layers):
             ffn = layer.ffn
-            parts = [(ex, k) for ex, k in zip(ffn.experts, hot_counts[i])]
+            parts = list(zip(ffn.experts, hot_counts[i]))
             layer.ffn = HybridMoEFFN(
                 ffn.norm.to(device), ffn.router.data.to(device), ffn.top_k,
                 [tuple(t[:k].to(device) for t in (ex.gate.data, ex.up.data, ex.down.data)) for ex, k in parts],

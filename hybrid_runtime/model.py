@@ -389,6 +389,12 @@ class MoEFeedForward(nn.Module):
         self.top_k = cfg.experts_per_token
         self.activation = cfg.activation
 
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) bool: the experts each token of x = norm(h) (N, d) is routed to (router moved to x's device
+        and dtype: the profile and the predictor trainer ask on their own devices)."""
+        _, chosen = route(x, self.router.to(x), self.top_k)                      # (N, k)
+        return (chosen[:, :, None] == torch.arange(len(self.experts), device=x.device)).any(dim=1)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, d = h.shape
         x = self.norm(h).view(B * T, d)                                           # (N, d)

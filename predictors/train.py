@@ -156,11 +156,7 @@ def load_layer(reader: SampleReader, layer: int, input_fn: Callable, cfg: TrainC
 
 def routed_neurons(ffn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(n, E * f) bool: the neurons of each token's routed experts (x = ffn_norm(h), float32)."""
-    from hybrid_runtime.model import route
-    _, chosen = route(x, ffn.router.to(x.device, torch.float32), ffn.top_k)               # (n, k)
-    n_exp, f = len(ffn.experts), ffn.experts[0].gate.shape[0]
-    hit = (chosen[:, :, None] == torch.arange(n_exp, device=x.device)).any(dim=1)        # (n, E)
-    return hit.repeat_interleave(f, dim=1)
+    return ffn.routed(x).repeat_interleave(ffn.experts[0].gate.shape[0], dim=1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -292,7 +288,7 @@ def test_metrics(p: LayerPredictor, data: LayerData, ffn: torch.nn.Module | None
     a = down = None
     if ffn is not None:
         x = norm_fn(ffn, data.h_test.device)(data.h_test.float())  # the FFN's own input, whatever the predictor reads
-        a, down, _ = layer_activation(ffn, x)
+        a, down = layer_activation(ffn, x)
     out = mask_metrics(pred, true)
     out["density_ratio"] = out["pred_density"] / out["true_density"] if out["true_density"] else None
     out["ffn_rel_err"] = None if a is None else ffn_output_rel_error(a, down, true, pred)
@@ -302,8 +298,8 @@ def test_metrics(p: LayerPredictor, data: LayerData, ffn: torch.nn.Module | None
 
 def layer_activation(ffn: torch.nn.Module, x: torch.Tensor):
     """A layer's activation values over all its neurons for x = ffn_norm(h) (n, d), in float32 on x's device:
-    (a (n, F), down rows (F, d), routed (n, F) bool or None). For a mixture of experts the neurons are
-    expert-major (E * f) and a is zero outside each token's routed experts (`routed`)."""
+    (a (n, F), down rows (F, d)). For a mixture of experts the neurons are expert-major (E * f) and a is zero
+    outside each token's routed experts."""
     from hybrid_runtime.model import MoEFeedForward
     dev = x.device
 
@@ -312,11 +308,10 @@ def layer_activation(ffn: torch.nn.Module, x: torch.Tensor):
 
     if not isinstance(ffn, MoEFeedForward):
         gate, up, down = rows(ffn)
-        return ffn.activation(F.linear(x, gate), F.linear(x, up)), down, None
+        return ffn.activation(F.linear(x, gate), F.linear(x, up)), down
     experts = [rows(e) for e in ffn.experts]
     a = torch.cat([ffn.activation(F.linear(x, g), F.linear(x, u)) for g, u, _ in experts], dim=1)  # (n, E*f)
-    routed = routed_neurons(ffn, x)
-    return a * routed, torch.cat([d for _, _, d in experts]), routed
+    return a * routed_neurons(ffn, x), torch.cat([d for _, _, d in experts])
 
 
 def layer_neurons(ffn: torch.nn.Module) -> tuple[int, int]:
