@@ -19,21 +19,33 @@ from pathlib import Path
 from hybrid_runtime.errors import UserError, log, prepare_output_dir
 
 
-def build_moe_checkpoint(out: Path, dim: int, n_layers: int, ffn_dim: int, n_experts: int, top_k: int,
-                         n_heads: int, n_kv_heads: int, act: str, seed: int, router_scale: float = 20.0) -> Path:
-    """Write the random checkpoint (bfloat16 safetensors, config.json, byte tokenizer) into `out`."""
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+def moe_config(dim: int, n_layers: int, ffn_dim: int, n_experts: int, top_k: int, n_heads: int, n_kv_heads: int,
+               act: str):
+    """The transformers `MixtralConfig`, checked by the engine's own config reader (one line naming the field)."""
+    from transformers import MixtralConfig
 
-    from hybrid_runtime.tiny import build_byte_tokenizer
-    out.mkdir(parents=True, exist_ok=True)
-    build_byte_tokenizer(out)
-    torch.manual_seed(seed)
+    from hybrid_runtime.activations import Activation
+    from hybrid_runtime.model import ModelConfig
+    if not Activation(act).has_exact_zeros:
+        raise UserError(f"--act {act!r}: the hybrid needs experts with exact zeros (relu, drelu, relu2)")
     config = MixtralConfig(hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layers,
                            num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=262,
                            max_position_embeddings=4096, num_local_experts=n_experts, num_experts_per_tok=top_k,
                            bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
                            hidden_act="relu")   # a name transformers builds; the saved config says `act`
+    ModelConfig.from_hf({**config.to_dict(), "hidden_act": act})
+    return config
+
+
+def build_moe_checkpoint(out: Path, config, act: str, seed: int, router_scale: float = 20.0) -> Path:
+    """Write the random checkpoint (bfloat16 safetensors, config.json, byte tokenizer) into `out`."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from hybrid_runtime.tiny import build_byte_tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    build_byte_tokenizer(out)
+    torch.manual_seed(seed)
     model = MixtralForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -70,12 +82,13 @@ def main() -> None:
               ranks, max_epochs, seed, force):
         """Write a random Mixtral-shaped checkpoint with ReLU-family experts and its hybrid directory."""
         from convert.cli import main_group
-        from hybrid_runtime.activations import Activation
-        if not Activation(act).has_exact_zeros:      # before --out is touched
-            raise UserError(f"--act {act!r}: the hybrid needs experts with exact zeros (relu, drelu, relu2)")
+        # everything is checked before --out is touched
+        config = moe_config(dim, layers, ffn_dim, experts, top_k, heads, kv_heads, act)
+        for f in data:
+            if not Path(f).is_file():
+                raise UserError(f"{f}: data file not found")
         root = prepare_output_dir(Path(out), force)
-        ckpt = build_moe_checkpoint(root / "checkpoint", dim, layers, ffn_dim, experts, top_k, heads, kv_heads, act,
-                                    seed)
+        ckpt = build_moe_checkpoint(root / "checkpoint", config, act, seed)
         log(f"wrote {ckpt}; converting")
         args = ["all", "--model", str(ckpt), "--out", str(root / "hybrid"), "--tokens", str(tokens),
                 "--block-len", "128", "--samples-per-layer", str(samples_per_layer), "--ranks", ranks,

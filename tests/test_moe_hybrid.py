@@ -322,3 +322,24 @@ def test_the_benchmark_moe_model_builder(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         moe_model.main()
     assert e.value.code == 2 and "exact zeros" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--data", "{missing}"], "data file not found"),
+    (["--dim", "60", "--heads", "7"], "not a multiple of num_attention_heads"),
+    (["--experts", "2", "--top-k", "3"], "'num_experts_per_tok' (3) is more than"),
+    (["--layers", "0"], "'num_hidden_layers'"),
+])
+def test_the_benchmark_moe_model_builder_checks_before_writing(tmp_path, monkeypatch, capsys, extra, words):
+    import sys
+    from bench import moe_model
+    (tmp_path / "cal.txt").write_text("some text " * 50)
+    out = tmp_path / "m"
+    argv = ["moe_model", "--out", str(out), "--data", str(tmp_path / "cal.txt"),
+            *[a.replace("{missing}", str(tmp_path / "none.txt")) for a in extra]]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        moe_model.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and words in err[-1] and len(err) == 1, err
+    assert not out.exists()                                              # nothing written
